@@ -1,0 +1,31 @@
+"""mlx_voxtral: Mistral's Voxtral Realtime speech recognition on MLX."""
+
+from .blas import use_system_blas
+
+use_system_blas()  # before mlx.core is imported anywhere in this package
+
+from .audio import load_audio, log_mel_spectrogram  # noqa: E402
+from .exceptions import (  # noqa: E402
+    AudioError,
+    CheckpointError,
+    InvalidRequestError,
+    UnsupportedAudioFormatError,
+    VoxtralError,
+)
+from .generate import Transcription, transcribe  # noqa: E402
+from .loader import load  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load",
+    "transcribe",
+    "Transcription",
+    "load_audio",
+    "log_mel_spectrogram",
+    "VoxtralError",
+    "AudioError",
+    "UnsupportedAudioFormatError",
+    "CheckpointError",
+    "InvalidRequestError",
+]

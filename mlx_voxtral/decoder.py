@@ -1,0 +1,88 @@
+"""Mistral text decoder with delay-conditioned (ada) RMS norm and a tied LM head."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .config import ModelArgs
+from .layers import Attention, FeedForward
+
+
+def time_embedding(num_delay_tokens: int, dim: int, theta: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding of the delay, cosines first: ``[cos(d f), sin(d f)]``."""
+    half = dim // 2
+    inv_freq = mx.exp(-math.log(theta) * mx.arange(half, dtype=mx.float32) / half)
+    emb = num_delay_tokens * inv_freq
+    return mx.concatenate([mx.cos(emb), mx.sin(emb)])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(
+            args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.rope_theta
+        )
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.ada_down = nn.Linear(args.dim, args.ada_rms_norm_t_cond_dim, bias=False)
+        self.ada_up = nn.Linear(args.ada_rms_norm_t_cond_dim, args.dim, bias=False)
+
+    def ada_scale(self, t_cond: mx.array) -> mx.array:
+        """``1 + up(gelu(down(t_cond)))``: the FFN-norm scale for one delay."""
+        return 1 + self.ada_up(nn.gelu(self.ada_down(t_cond)))
+
+    def __call__(
+        self,
+        x: mx.array,
+        scale: mx.array,
+        caches: Sequence[KVCache],
+        lengths: Sequence[int],
+    ) -> mx.array:
+        h = x + self.attention(self.attention_norm(x), caches, lengths)
+        return h + self.feed_forward(self.ffn_norm(h) * scale)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [DecoderLayer(args) for _ in range(args.n_layers)]
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        if not args.tied_embeddings:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache(self.args.sliding_window) for _ in self.layers]
+
+    def ada_scales(self, num_delay_tokens: int) -> list[mx.array]:
+        """Per-layer FFN-norm scales for a delay (constant over a stream)."""
+        t_cond = time_embedding(num_delay_tokens, self.args.dim).astype(
+            self.norm.weight.dtype
+        )
+        return [layer.ada_scale(t_cond) for layer in self.layers]
+
+    def __call__(
+        self,
+        x: mx.array,
+        scales: Sequence[mx.array],
+        caches: Sequence[Sequence[KVCache]],
+        lengths: Sequence[int],
+    ) -> mx.array:
+        """Packed input embeddings ``x`` [1, S, dim] -> logits [1, S, vocab].
+
+        ``scales[l]`` is layer l's ada scale ([dim], or [1, S, dim] when packed streams use
+        different delays); ``caches[i]``/``lengths[i]`` describe stream i's rows.
+        """
+        for i, layer in enumerate(self.layers):
+            x = layer(x, scales[i], [c[i] for c in caches], lengths)
+        x = self.norm(x)
+        if self.args.tied_embeddings:
+            return self.tok_embeddings.as_linear(x)
+        return self.output(x)
