@@ -12,7 +12,17 @@ from .exceptions import (  # noqa: E402
     UnsupportedAudioFormatError,
     VoxtralError,
 )
-from .generate import Transcription, transcribe  # noqa: E402
+from .generate import (  # noqa: E402
+    Done,
+    StreamReset,
+    TextDelta,
+    Timings,
+    Transcription,
+    async_stream_transcribe,
+    stream_transcribe,
+    transcribe,
+)
+from .timestamps import Segment, Word  # noqa: E402
 from .loader import load  # noqa: E402
 
 __version__ = "0.1.0"
@@ -20,7 +30,15 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "transcribe",
+    "stream_transcribe",
+    "async_stream_transcribe",
     "Transcription",
+    "Timings",
+    "TextDelta",
+    "Word",
+    "Segment",
+    "StreamReset",
+    "Done",
     "load_audio",
     "log_mel_spectrogram",
     "VoxtralError",

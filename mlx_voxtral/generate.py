@@ -1,20 +1,32 @@
-"""Decoding loops: offline transcription of a whole file, token by token with timings."""
+"""Decoding loops: offline ``transcribe`` and live ``stream_transcribe`` over one session.
+
+Both run the same incremental machinery (``Session`` -> ``Stream``), so a file of hours
+is transcribed with bounded memory and streamed audio gives exactly the offline tokens.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .audio import AudioSource, SAMPLE_RATE, iter_audio
-from .exceptions import InvalidRequestError
-from .stream import Stream
+from .audio import SAMPLE_RATE, AudioSource, iter_audio
+from .exceptions import AudioError
+from .session import Session, StreamReset, TextDelta, check_temperature
+from .timestamps import Segment, Word
 
-# Audio is fed to the stream in blocks of this many seconds (bounds memory for long files).
+# Offline audio is fed in blocks of this many seconds (bounds memory for long files).
 BLOCK_SECONDS = 30.0
+
+__all__ = [
+    "Timings", "Transcription", "TextDelta", "Word", "StreamReset", "Done",
+    "transcribe", "stream_transcribe", "async_stream_transcribe", "sample",
+]
 
 
 @dataclass
@@ -33,10 +45,11 @@ class Timings:
 
 @dataclass
 class Transcription:
-    """Result of ``transcribe``.
+    """Result of ``transcribe`` (and the final event of ``stream_transcribe``).
 
     ``token_ids`` are the raw generated ids, special tokens included (``[STREAMING_PAD]``,
-    ``[STREAMING_WORD]``, a final EOS); ``text`` keeps only text tokens.
+    ``[STREAMING_WORD]``, EOS); ``text`` keeps only text tokens. ``words`` and
+    ``segments`` carry times in seconds (see ``mlx_voxtral.timestamps``).
     """
 
     text: str
@@ -45,6 +58,9 @@ class Transcription:
     delay_ms: int
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS), "end_of_audio" or "length" (max_tokens reached)
+    words: list[Word] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    resets: int = 0
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -58,15 +74,11 @@ class Transcription:
         return n / self.timings.decode if self.timings.decode else 0.0
 
 
-def check_temperature(temperature: float) -> float:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not np.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise InvalidRequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    return float(temperature)
+@dataclass
+class Done:
+    """The last event of a stream: the whole transcription."""
+
+    result: Transcription
 
 
 def sample(logits: mx.array, temperature: float, key: Optional[mx.array] = None) -> mx.array:
@@ -77,59 +89,87 @@ def sample(logits: mx.array, temperature: float, key: Optional[mx.array] = None)
     return mx.random.categorical(logits * (1.0 / temperature), key=key)
 
 
-class _Clock:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
-
-
-def generate_tokens(
-    model,
-    stream: Stream,
-    temperature: float = 0.0,
-    key: Optional[mx.array] = None,
-    timings: Optional[Timings] = None,
-) -> Iterator[int]:
-    """Yield the tokens the stream's available audio lets the decoder produce.
-
-    Encodes pending audio, then runs the decoder while audio embeddings are ready. The next
-    step is queued before the previous token is read back, so the host never idles.
-    """
-    timings = timings if timings is not None else Timings()
-    clock = _Clock()
+def _encode(model, session: Session) -> bool:
+    stream = session.stream
+    encoded = False
     while (mel := stream.take_mel()) is not None:
         (embeds,) = model.embed_audio([mel], [stream.conv_caches], [stream.encoder_caches])
         mx.eval(embeds)
         stream.add_audio_embeddings(embeds)
-        timings.encode += clock.lap()
-    pending = None
+        encoded = True
+    return encoded
+
+
+def run_session(session: Session, timings: Timings) -> Iterator:
+    """Decode everything the session's audio allows so far, yielding its events.
+
+    The next decoder step is queued (``mx.async_eval``) before the previous token is read
+    back, so the host never waits idle between steps.
+    """
+    model = session.model
+    clock = time.perf_counter()
+
+    def lap() -> float:
+        nonlocal clock
+        now = time.perf_counter()
+        dt, clock = now - clock, now
+        return dt
+
+    pending = None  # (stream, output position, lazy token) of the step in flight
     while True:
-        step = stream.decoder_input()
-        token = None
-        if step is not None:
-            embeds, tokens = step
-            prefill = not stream.prefilled
-            logits = model([embeds], [tokens], [stream.decoder_caches], [stream.num_delay_tokens])
-            if key is not None:
-                key, sub = mx.random.split(key)
-            token = sample(logits, temperature, None if key is None else sub)
-            stream.advance(embeds.shape[0], token)
-            if prefill:
-                mx.eval(token)
-                timings.prefill += clock.lap()
-            else:
-                mx.async_eval(token)
+        if _encode(model, session):
+            timings.encode += lap()
+        queued = None
+        # never queue a step behind a stale one: a restart may be on its way
+        if not session.done and (pending is None or pending[0] is session.stream):
+            step = session.next_step()
+            if step is not None:
+                stream = session.stream
+                embeds, tokens = step
+                prefill = not stream.prefilled
+                logits = model([embeds], [tokens], [stream.decoder_caches], [stream.num_delay_tokens])
+                token = sample(logits, session.temperature, session.next_key())
+                stream.advance(embeds.shape[0], token)
+                queued = (stream, stream.position - 1, token)
+                if prefill:
+                    mx.eval(token)
+                    timings.prefill += lap()
+                else:
+                    mx.async_eval(token)
+        processed = pending is not None
         if pending is not None:
-            token_id = pending.item()
-            timings.decode += clock.lap()
-            yield token_id
-        if token is None:
+            stream, position, token = pending
+            token_id = token.item()
+            timings.decode += lap()
+            if stream is session.stream and not session.done:  # else stale after a restart
+                yield from session.on_token(token_id, position)
+        pending = queued
+        if pending is not None:
+            continue
+        if session.done:
             return
-        pending = token
+        if session.rollover_due:
+            yield from session.rollover()
+        elif session.stream.audio_done:
+            yield from session.end()
+            return
+        elif not processed:
+            return  # waiting for more audio
+
+
+def _result(session: Session, timings: Timings) -> Transcription:
+    return Transcription(
+        text=session.text,
+        token_ids=list(session.token_ids),
+        audio_duration=session.duration,
+        delay_ms=session.delay_ms,
+        prompt_tokens=len(session.stream.prompt),
+        finish_reason=session.finish_reason or "end_of_audio",
+        words=list(session.words),
+        segments=session.segments,
+        resets=session.resets,
+        timings=timings,
+    )
 
 
 def transcribe(
@@ -140,66 +180,125 @@ def transcribe(
     temperature: float = 0.0,
     max_tokens: Optional[int] = None,
     seed: Optional[int] = None,
-    progress: Optional[Callable[[float, float], None]] = None,
+    progress: Optional[Callable[[float, Optional[float]], None]] = None,
 ) -> Transcription:
     """Transcribe a whole recording.
 
     Args:
         model: a model returned by ``mlx_voxtral.load``.
-        audio: a path, encoded bytes, a binary file object, or float32 16 kHz samples.
+        audio: a path (or ``file://`` URL), encoded bytes, a binary file object, or
+            float32 16 kHz samples.
         delay_ms: transcription delay (multiple of 80 ms, 80 to 2400); default from
             ``tekken.json`` (480 ms).
         temperature: 0 for greedy decoding (recommended), otherwise sampling.
         max_tokens: stop after this many text tokens (``finish_reason="length"``);
-            ``None`` transcribes until EOS or the end of the audio.
+            ``None`` transcribes until the end of the audio (or EOS after it).
         seed: random seed for sampling.
-        progress: called as ``progress(seconds_done, seconds_total)`` while decoding.
+        progress: called as ``progress(seconds_done, seconds_total or None)``.
+
+    The file is decoded, resampled and transcribed block by block, so memory does not
+    grow with its length.
 
     Raises:
         AudioError, UnsupportedAudioFormatError: unreadable, empty or non-finite audio.
         InvalidRequestError: bad delay, temperature or max_tokens.
     """
-    temperature = check_temperature(temperature)
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    stream = Stream(model, delay_ms)
-    tok = model.tokenizer
-    key = mx.random.key(seed) if (temperature > 0 and seed is not None) else None
+    session = Session(model, delay_ms, temperature, seed, max_tokens)
     timings = Timings(load=getattr(model, "load_time", 0.0))
-    token_ids: list[int] = []
-    n_text = 0
-    finish_reason = "end_of_audio"
     blocks = iter_audio(audio, block_seconds=BLOCK_SECONDS)
-    total_seconds = getattr(blocks, "duration", None)
-    done = False
-    while not done:
-        block = next(blocks, None)
-        if block is None:
-            stream.finish()
-        else:
-            stream.push(block)
-        for token_id in generate_tokens(model, stream, temperature, key, timings):
-            token_ids.append(token_id)
-            if token_id == tok.eos_id:
-                finish_reason, done = "stop", True
-                break
-            n_text += tok.is_text(token_id)
-            if max_tokens is not None and n_text >= max_tokens:
-                finish_reason, done = "length", True
-                break
+    for block in blocks:
+        session.push(block)
+        for _ in run_session(session, timings):
+            pass
         if progress is not None:
-            progress(stream.samples / SAMPLE_RATE, total_seconds or stream.samples / SAMPLE_RATE)
-        done = done or stream.audio_done
-    if stream.samples == 0:
-        from .exceptions import AudioError
+            progress(session.duration, blocks.duration)
+        if session.done:
+            break
+    if not session.done:
+        session.finish()
+        for _ in run_session(session, timings):
+            pass
+        if progress is not None:
+            progress(session.duration, blocks.duration)
+    return _result(session, timings)
 
-        raise AudioError("the audio is empty (0 samples)")
-    return Transcription(
-        text=tok.decode(token_ids).strip(),
-        token_ids=token_ids,
-        audio_duration=stream.samples / SAMPLE_RATE,
-        delay_ms=stream.delay_ms,
-        prompt_tokens=len(stream.prompt),
-        finish_reason=finish_reason,
-        timings=timings,
-    )
+
+Event = Union[TextDelta, Word, StreamReset, Done]
+
+
+def _chunk(samples) -> np.ndarray:
+    chunk = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if not np.isfinite(chunk).all():
+        raise AudioError(f"the audio chunk contains {int((~np.isfinite(chunk)).sum())} NaN or infinite samples")
+    return chunk
+
+
+def stream_transcribe(
+    model,
+    chunks: Iterable[np.ndarray],
+    *,
+    delay_ms: Optional[float] = None,
+    temperature: float = 0.0,
+    max_tokens: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> Iterator[Event]:
+    """Transcribe live audio: float32 16 kHz mono chunks of any size in, events out.
+
+    Yields ``TextDelta`` (new text, as soon as decided), ``Word`` (a finished word with
+    start/end seconds), ``StreamReset`` (the decoder restarted after EOS or at the
+    position limit; the session goes on) and finally ``Done`` with the whole
+    ``Transcription``. For the same audio the token ids equal offline ``transcribe``'s.
+    """
+    session = Session(model, delay_ms, temperature, seed, max_tokens)
+    timings = Timings(load=getattr(model, "load_time", 0.0))
+    for chunk in chunks:
+        session.push(_chunk(chunk))
+        yield from run_session(session, timings)
+        if session.done:
+            break
+    if not session.done:
+        if session.samples == 0:
+            raise AudioError("the audio stream is empty (0 samples)")
+        session.finish()
+        yield from run_session(session, timings)
+    yield Done(_result(session, timings))
+
+
+async def async_stream_transcribe(
+    model,
+    chunks: AsyncIterable[np.ndarray],
+    *,
+    delay_ms: Optional[float] = None,
+    temperature: float = 0.0,
+    max_tokens: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> AsyncIterator[Event]:
+    """``stream_transcribe`` for an async iterable; model work runs in a worker thread.
+
+    One dedicated thread does all of the session's MLX work (MLX streams are per thread).
+    """
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-voxtral") as worker:
+        session: Session = await loop.run_in_executor(
+            worker, lambda: Session(model, delay_ms, temperature, seed, max_tokens)
+        )
+        timings = Timings(load=getattr(model, "load_time", 0.0))
+
+        def work(chunk: Optional[np.ndarray]) -> list:
+            if chunk is None:
+                session.finish()
+            else:
+                session.push(chunk)
+            return list(run_session(session, timings))
+
+        async for chunk in chunks:
+            for event in await loop.run_in_executor(worker, work, _chunk(chunk)):
+                yield event
+            if session.done:
+                break
+        if not session.done:
+            if session.samples == 0:
+                raise AudioError("the audio stream is empty (0 samples)")
+            for event in await loop.run_in_executor(worker, work, None):
+                yield event
+        yield Done(_result(session, timings))

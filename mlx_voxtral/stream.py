@@ -55,6 +55,7 @@ class Stream:
     # audio side -------------------------------------------------------------------------
     def _add_samples(self, samples: np.ndarray) -> None:
         frames = self.mel(samples)
+        mx.eval(frames)  # nothing lazy is left behind: another thread may continue the stream
         if frames.shape[0]:
             self._mel_blocks.append(frames)
             self._mel_frames += frames.shape[0]

@@ -107,7 +107,12 @@ SPECIAL_IDS = {
 NUM_SPECIAL = 1000
 
 
-def make_params(preset: str, decoder_window: int | None = None) -> dict:
+def make_params(
+    preset: str,
+    decoder_window: int | None = None,
+    vocab_size: int | None = None,
+    max_length: int | None = None,
+) -> dict:
     params = copy.deepcopy(FULL_PARAMS)
     if preset == "tiny":
         enc = params["multimodal"]["whisper_model_args"]["encoder_args"]
@@ -117,6 +122,13 @@ def make_params(preset: str, decoder_window: int | None = None) -> dict:
         raise ValueError(f"unknown preset {preset!r}")
     if decoder_window is not None:
         params["sliding_window"] = decoder_window
+    if vocab_size is not None:
+        if vocab_size <= NUM_SPECIAL + 256:
+            raise ValueError(f"vocab size must exceed {NUM_SPECIAL + 256} (specials + bytes)")
+        params["vocab_size"] = vocab_size
+        params["multimodal"]["whisper_model_args"]["encoder_args"]["vocab_size"] = vocab_size
+    if max_length is not None:
+        params["model_max_length"] = max_length
     return params
 
 
@@ -205,7 +217,7 @@ def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
     return 3.0 * w if "conv_layers" in name else w
 
 
-def make_tekken() -> dict:
+def make_tekken(vocab_size: int = 131072) -> dict:
     """tekken.json: mistral-common's bundled vocabulary, Voxtral specials, streaming audio."""
     import mistral_common
 
@@ -214,6 +226,7 @@ def make_tekken() -> dict:
     tekken.pop("image", None)
     tekken["config"]["version"] = "v7"
     tekken["config"]["default_num_special_tokens"] = NUM_SPECIAL
+    tekken["config"]["default_vocab_size"] = vocab_size
     tekken["special_tokens"] = [
         {"rank": i, "token_str": SPECIAL_IDS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
         for i in range(NUM_SPECIAL)
@@ -228,10 +241,12 @@ def write_checkpoint(
     seed: int = 0,
     dtype: str = "bfloat16",
     decoder_window: int | None = None,
+    vocab_size: int | None = None,
+    max_length: int | None = None,
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    params = make_params(preset, decoder_window)
+    params = make_params(preset, decoder_window, vocab_size, max_length)
     dt = getattr(mx, dtype)
     tensors = {}
     for i, (name, shape) in enumerate(tensor_shapes(params).items()):
@@ -240,7 +255,7 @@ def write_checkpoint(
         mx.eval(tensors[name])
     mx.save_safetensors(str(out / "consolidated.safetensors"), tensors, metadata={"format": "pt"})
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    (out / "tekken.json").write_text(json.dumps(make_tekken()))
+    (out / "tekken.json").write_text(json.dumps(make_tekken(params["vocab_size"])))
     return out
 
 
@@ -253,8 +268,13 @@ def main() -> None:
                         help="stored dtype (the real checkpoint is bfloat16)")
     parser.add_argument("--decoder-window", type=int, default=None,
                         help="override the decoder sliding window (tests use a small one)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="override the vocabulary size (a small one makes decoding fast)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="override model_max_length (tests of the position limit)")
     args = parser.parse_args()
-    path = write_checkpoint(args.out, args.preset, args.seed, args.dtype, args.decoder_window)
+    path = write_checkpoint(args.out, args.preset, args.seed, args.dtype, args.decoder_window,
+                            args.vocab_size, args.max_length)
     print(f"wrote {args.preset} random checkpoint to {path}")
 
 

@@ -1,0 +1,236 @@
+"""Live streaming: exact to offline, events, restarts (EOS, position limit), timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_voxtral
+from mlx_voxtral.audio import load_audio
+from mlx_voxtral.generate import Done, StreamReset, TextDelta, async_stream_transcribe, stream_transcribe
+from mlx_voxtral.timestamps import Word
+
+from conftest import make_checkpoint
+
+
+def _chunks(audio: np.ndarray, sizes) -> list[np.ndarray]:
+    out, i = [], 0
+    for n in sizes:
+        if i >= len(audio):
+            break
+        out.append(audio[i : i + n])
+        i += n
+    assert i >= len(audio)
+    return out
+
+
+def _random_sizes(seed: int):
+    rng = np.random.default_rng(seed)
+    while True:
+        yield int(rng.integers(160, 48000))  # 10 ms to 3 s
+
+
+def _collect(events):
+    events = list(events)
+    assert isinstance(events[-1], Done)
+    assert not any(isinstance(e, Done) for e in events[:-1])
+    return events, events[-1].result
+
+
+@pytest.fixture(scope="module")
+def offline_40s(model_fp32, speech_40s):
+    return mlx_voxtral.transcribe(model_fp32, speech_40s)
+
+
+@pytest.mark.parametrize("chunking", ["80ms", "1s", "random"])
+def test_streamed_ids_equal_offline(chunking, model_fp32, speech_40s, offline_40s):
+    audio = load_audio(speech_40s)
+    sizes = {"80ms": iter(lambda: 1280, None), "1s": iter(lambda: 16000, None), "random": _random_sizes(0)}
+    events, result = _collect(stream_transcribe(model_fp32, _chunks(audio, sizes[chunking])))
+    assert result.token_ids == offline_40s.token_ids
+    assert result.text == offline_40s.text
+    assert result.words == offline_40s.words
+    # the deltas spell out the text; word events are the result's words
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)).strip() == result.text
+    assert [e for e in events if isinstance(e, Word)] == result.words
+
+
+def test_async_stream_equals_offline(model_fp32, speech_5s):
+    audio = load_audio(speech_5s)
+    offline = mlx_voxtral.transcribe(model_fp32, audio)
+
+    async def chunks():
+        for c in _chunks(audio, _random_sizes(1)):
+            await asyncio.sleep(0)
+            yield c
+
+    async def run():
+        return [e async for e in async_stream_transcribe(model_fp32, chunks())]
+
+    events = asyncio.run(run())
+    assert isinstance(events[-1], Done)
+    assert events[-1].result.token_ids == offline.token_ids
+
+
+def test_streamed_non_default_delay_equals_offline(model_fp32, speech_5s):
+    audio = load_audio(speech_5s)
+    offline = mlx_voxtral.transcribe(model_fp32, audio, delay_ms=960)
+    _, result = _collect(stream_transcribe(model_fp32, _chunks(audio, iter(lambda: 4000, None)), delay_ms=960))
+    assert result.token_ids == offline.token_ids and result.delay_ms == 960
+
+
+def test_text_arrives_while_audio_streams(model_fp32, speech_40s):
+    """Text is emitted long before the stream ends (not batched at the end)."""
+    audio = load_audio(speech_40s)
+    fed = 0
+    first_text_at = None
+
+    def chunks():
+        nonlocal fed
+        for c in _chunks(audio, iter(lambda: 1280, None)):
+            fed += len(c)
+            yield c
+
+    for event in stream_transcribe(model_fp32, chunks()):
+        if isinstance(event, TextDelta) and first_text_at is None:
+            first_text_at = fed
+    # the delay is 480 ms and the prompt needs 560 ms of audio: text within ~1.2 s
+    assert first_text_at is not None and first_text_at <= 1.2 * 16000
+
+
+def test_bad_stream_input(model_fp32):
+    with pytest.raises(mlx_voxtral.AudioError, match="empty"):
+        list(stream_transcribe(model_fp32, []))
+    bad = np.zeros(4000, np.float32)
+    bad[5] = np.inf
+    with pytest.raises(mlx_voxtral.AudioError, match="NaN or infinite"):
+        list(stream_transcribe(model_fp32, [np.zeros(4000, np.float32), bad]))
+
+
+@pytest.fixture(scope="module")
+def eos_model(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
+    """A checkpoint whose EOS embedding points where a token emitted mid-speech points,
+    so the model emits EOS in the middle of the audio."""
+    baseline = mlx_voxtral.transcribe(model_fp32, speech_5s).token_ids
+    path = tmp_path_factory.mktemp("eos") / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    weights = dict(mx.load(str(path / "consolidated.safetensors")))
+    name = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
+    emb = weights[name]
+    emb[2] = emb[baseline[len(baseline) // 3]] * 1.05
+    weights[name] = emb
+    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
+    return mlx_voxtral.load(path, dtype=mx.float32)
+
+
+def test_eos_mid_audio_restarts_on_the_uncovered_audio(eos_model, speech_5s):
+    """After EOS with audio left, the session restarts the decoder on the audio the text
+    had not covered: what follows equals a fresh transcription of that audio."""
+    model = eos_model
+    audio = load_audio(speech_5s)
+    result = mlx_voxtral.transcribe(model, audio)
+    assert result.resets >= 1
+    first = result.token_ids.index(2)
+    position = 39 - 1 + first  # the decoder position that produced it
+    covered = (position + 1 - 6 - 32) * 1280
+    assert 0 < covered < len(audio)
+    rest = mlx_voxtral.transcribe(model, audio[covered:])
+    assert result.token_ids[first + 1 :] == rest.token_ids
+    assert result.resets == rest.resets + 1
+    assert result.finish_reason == rest.finish_reason
+    # the words after the restart are shifted by the covered audio
+    offset = covered / 16000
+    tail = [w for w in result.words if w.start >= offset]
+    assert [w.text for w in tail[-len(rest.words):]] == [w.text for w in rest.words]
+    assert tail[-1].start == pytest.approx(rest.words[-1].start + offset, abs=1e-3)
+    # streaming goes through the same restart
+    events, streamed = _collect(stream_transcribe(model, _chunks(audio, _random_sizes(2))))
+    assert streamed.token_ids == result.token_ids
+    assert sum(isinstance(e, StreamReset) and e.reason == "eos" for e in events) == result.resets
+
+
+def test_eos_after_the_audio_stops(tiny_checkpoint, tmp_path, model_fp32, speech_5s):
+    """EOS made once the decoder has heard all the audio ends the transcription. (Here EOS
+    points where the token the model makes for trailing silence points.)"""
+    baseline = mlx_voxtral.transcribe(model_fp32, speech_5s)
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    weights = dict(mx.load(str(path / "consolidated.safetensors")))
+    name = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
+    emb = weights[name]
+    emb[2] = emb[baseline.token_ids[-1]] * 1.02
+    weights[name] = emb
+    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
+    result = mlx_voxtral.transcribe(mlx_voxtral.load(path, dtype=mx.float32), speech_5s)
+    assert result.finish_reason == "stop" and result.token_ids[-1] == 2
+    assert result.words and result.words[-1].end <= result.audio_duration
+
+
+def test_position_limit_rolls_over(tmp_path_factory, speech_40s):
+    """A stream never passes model_max_length: the session restarts on the uncovered
+    audio and goes on to the end."""
+    path = make_checkpoint(tmp_path_factory.mktemp("limit") / "ckpt", "--max-length", "200")
+    model = mlx_voxtral.load(path, dtype=mx.float32)
+    audio = load_audio(speech_40s)
+    result = mlx_voxtral.transcribe(model, audio)
+    assert result.resets >= 2 and result.finish_reason == "end_of_audio"
+    # every stream stays within the limit: at most 200 - 39 + 1 tokens between restarts
+    assert len(result.token_ids) > 200
+    assert result.words[-1].end > 30.0
+    events, streamed = _collect(stream_transcribe(model, _chunks(audio, _random_sizes(3))))
+    assert streamed.token_ids == result.token_ids
+    resets = [e for e in events if isinstance(e, StreamReset)]
+    assert len(resets) == result.resets and all(r.reason == "position_limit" for r in resets)
+    assert all(b.time > a.time for a, b in zip(resets, resets[1:]))
+
+
+LONG_SESSION = r"""
+import os, sys
+import numpy as np
+import mlx.core as mx
+import mlx_voxtral
+from mlx_voxtral.audio import load_audio
+from mlx_voxtral.generate import Done, stream_transcribe
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+model = mlx_voxtral.load(sys.argv[1], dtype=mx.float32)
+speech = load_audio(sys.argv[2])
+seconds = int(sys.argv[3])
+marks = {}
+
+def chunks():
+    rng = np.random.default_rng(0)
+    for s in range(seconds):
+        if s in (600, seconds - 1):
+            marks[s] = rss()
+        start = (s * 16000) % (len(speech) - 16000)
+        yield speech[start : start + 16000] + 0.01 * rng.standard_normal(16000).astype(np.float32)
+
+for event in stream_transcribe(model, chunks()):
+    pass
+assert isinstance(event, Done)
+print(marks[600], marks[seconds - 1], len(event.result.token_ids), event.result.resets)
+"""
+
+
+def test_one_hour_stream_has_flat_memory(tmp_path_factory, speech_40s):
+    """An hour of audio streamed in 1 s chunks: resident memory at 10 and 60 minutes
+    differs by less than 5 %. (A small-vocabulary tiny checkpoint keeps this fast.)"""
+    import subprocess
+    import sys
+
+    path = make_checkpoint(tmp_path_factory.mktemp("micro") / "ckpt", "--vocab-size", "2048")
+    out = subprocess.run(
+        [sys.executable, "-c", LONG_SESSION, str(path), str(speech_40s), "3600"],
+        capture_output=True, text=True, check=True,
+    )
+    at_10, at_60, n_tokens, _ = map(int, out.stdout.split())
+    assert n_tokens > 3600 * 12  # 12.5 tokens per second of audio
+    assert abs(at_60 - at_10) / at_10 < 0.05, (at_10, at_60)
