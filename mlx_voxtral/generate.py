@@ -25,7 +25,7 @@ BLOCK_SECONDS = 30.0
 
 __all__ = [
     "Timings", "Transcription", "TextDelta", "Word", "StreamReset", "Done",
-    "transcribe", "stream_transcribe", "async_stream_transcribe", "sample",
+    "transcribe", "stream_transcribe", "async_stream_transcribe", "sample", "batch_step",
 ]
 
 
@@ -146,15 +146,77 @@ def run_session(session: Session, timings: Timings) -> Iterator:
         pending = queued
         if pending is not None:
             continue
+        idle = _idle_events(session)
+        if idle is None:
+            if not processed:
+                return  # waiting for more audio
+            continue
+        yield from idle
         if session.done:
             return
-        if session.rollover_due:
-            yield from session.rollover()
-        elif session.stream.audio_done:
-            yield from session.end()
-            return
-        elif not processed:
-            return  # waiting for more audio
+
+
+def _idle_events(session: Session) -> Optional[list]:
+    """What to do when no decoder step can be queued: restart at the position limit, or
+    end once all audio was decoded. None: nothing to do (more audio is needed)."""
+    if session.done:
+        return []
+    if session.rollover_due:
+        return session.rollover()
+    if session.stream.audio_done:
+        return session.end()
+    return None
+
+
+def batch_step(model, sessions: list[Session], timings: Optional[Timings] = None) -> list[list]:
+    """One step for many sessions at once; returns each session's events.
+
+    Pending audio of every session is encoded in one pass; then one decoder pass runs the
+    next position of every session that has its input ready (a new session's prompt
+    included). Sessions waiting for audio are left as they are. This is how the server
+    decodes concurrent requests together.
+    """
+    timings = timings if timings is not None else Timings()
+    events: list[list] = [[] for _ in sessions]
+    t0 = time.perf_counter()
+    encoding = [(s, m) for s in sessions if not s.done and (m := s.stream.take_mel()) is not None]
+    if encoding:
+        embeds = model.embed_audio(
+            [m for _, m in encoding],
+            [s.stream.conv_caches for s, _ in encoding],
+            [s.stream.encoder_caches for s, _ in encoding],
+        )
+        mx.eval(embeds)
+        for (s, _), e in zip(encoding, embeds):
+            s.stream.add_audio_embeddings(e)
+        t1 = time.perf_counter()
+        timings.encode += t1 - t0
+        t0 = t1
+    ready, steps = [], []
+    for i, s in enumerate(sessions):
+        step = s.next_step() if not s.done else None
+        if step is not None:
+            ready.append(i)
+            steps.append(step)
+    if ready:
+        streams = [sessions[i].stream for i in ready]
+        logits = model(
+            [e for e, _ in steps], [t for _, t in steps],
+            [st.decoder_caches for st in streams], [st.num_delay_tokens for st in streams],
+        )
+        tokens = [
+            sample(logits[j : j + 1], sessions[i].temperature, sessions[i].next_key())
+            for j, i in enumerate(ready)
+        ]
+        mx.eval(tokens)
+        for j, i in enumerate(ready):
+            streams[j].advance(steps[j][0].shape[0], tokens[j])
+            events[i] += sessions[i].on_token(tokens[j].item(), streams[j].position - 1)
+        timings.decode += time.perf_counter() - t0
+    for i, s in enumerate(sessions):
+        if i not in ready and not s.stream.pending_tokens():
+            events[i] += _idle_events(s) or []
+    return events
 
 
 def _result(session: Session, timings: Timings) -> Transcription:

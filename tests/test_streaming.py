@@ -234,3 +234,25 @@ def test_one_hour_stream_has_flat_memory(tmp_path_factory, speech_40s):
     at_10, at_60, n_tokens, _ = map(int, out.stdout.split())
     assert n_tokens > 3600 * 12  # 12.5 tokens per second of audio
     assert abs(at_60 - at_10) / at_10 < 0.05, (at_10, at_60)
+
+
+def test_batched_sessions_equal_single_runs(model_fp32, speech_5s, speech_40s):
+    """Sessions decoded together (one forward pass per step, different delays, lengths and
+    arrival times) give exactly their single-run tokens."""
+    from mlx_voxtral.generate import batch_step
+    from mlx_voxtral.session import Session
+
+    audios = [load_audio(speech_5s), load_audio(speech_40s)[: 16000 * 12], load_audio(speech_5s)[:30000]]
+    delays = [480, 480, 960]
+    singles = [mlx_voxtral.transcribe(model_fp32, a, delay_ms=d) for a, d in zip(audios, delays)]
+    sessions = [Session(model_fp32, delay_ms=d) for d in delays]
+    chunks = [_chunks(a, iter(lambda: 8000, None)) for a in audios]
+    steps = 0
+    while not all(s.done for s in sessions):
+        for s, c in zip(sessions, chunks):
+            if steps % 3 == 0 and not s.finished:  # audio keeps arriving while decoding
+                s.push(c.pop(0)) if c else s.finish()
+        batch_step(model_fp32, sessions)
+        steps += 1
+    for s, r in zip(sessions, singles):
+        assert s.token_ids == r.token_ids and s.finish_reason == r.finish_reason
