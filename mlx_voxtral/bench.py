@@ -1,0 +1,545 @@
+"""Benchmark mlx_voxtral: speed and memory, the machine's limits, and peer implementations.
+
+    python benchmarks/bench.py --random full --lengths 10,60 --precisions fp32,bf16,8,4
+    mlx-voxtral bench --model mistralai/Voxtral-Mini-4B-Realtime-2602 --peers all
+
+For every precision (a fresh subprocess each, so memory figures are clean) it measures
+load time and resident memory, then offline transcription (encoder seconds per audio
+second, prefill tokens/s, decode ms/token, real-time factor), live streaming (80 ms
+chunks: per-chunk latency from a chunk's arrival to its token) and N concurrent streams
+decoded together (tokens/s against one stream). It also measures the machine: sustained
+memory read bandwidth and matmul throughput per dtype, and prints each figure next to its
+bound: a decode step cannot beat (weight bytes read per step) / bandwidth, the encoder
+cannot beat (FLOPs per audio second) / matmul throughput.
+
+Peers (voxmlx, mlx-audio, mistral.rs's ``mistralrs`` wheel, transformers on CPU) run on
+the same checkpoint and audio, each in its own subprocess (optionally another Python with
+``--peer-python``); a peer that fails is reported with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_RATE = 16000
+
+# (dtype, quantize bits) per precision name
+PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "8": (None, 8), "4": (None, 4)}
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "8": 1.0625, "4": 0.5625}  # q: + scales/biases (g=64)
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog. Speech recognition runs locally on a laptop, "
+    "without sending audio anywhere. She sells sea shells by the sea shore. Seven silver swans "
+    "swam silently seaward in the early morning light. A journey of a thousand miles begins with "
+    "a single step. Please call Stella and ask her to bring these things with her from the store."
+)
+
+
+# ---------------------------------------------------------------------------------------
+# inputs
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlx_voxtral"
+
+
+def random_checkpoint(preset: str) -> Path:
+    """A cached random-weight checkpoint in the native layout (generated once)."""
+    out = cache_dir() / f"random-{preset}"
+    if not (out / "consolidated.safetensors").exists():
+        script = REPO / "scripts" / "make_random_checkpoint.py"
+        if not script.exists():
+            raise SystemExit(f"--random needs the repository's {script}")
+        print(f"generating the {preset} random checkpoint in {out} ...", file=sys.stderr)
+        subprocess.run([sys.executable, str(script), "--preset", preset, "--out", str(out)], check=True)
+    return out
+
+
+def speech(seconds: float, path: Optional[str]) -> np.ndarray:
+    """``seconds`` of speech: the given file, or espeak-ng sentences, tiled to length."""
+    from .audio import load_audio
+
+    if path is None:
+        if shutil.which("espeak-ng") is None:
+            raise SystemExit("no --audio given and espeak-ng is not installed to synthesize speech")
+        wav = cache_dir() / "bench-speech.wav"
+        if not wav.exists():
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["espeak-ng", "-w", str(wav), SENTENCES], check=True, capture_output=True)
+        path = str(wav)
+    audio = load_audio(path)
+    n = int(seconds * SAMPLE_RATE)
+    return np.resize(audio, n).astype(np.float32) if n else audio
+
+
+# ---------------------------------------------------------------------------------------
+# machine limits
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Sustained read bandwidth (GB/s): every core sums its share of a large array."""
+    data = np.ones(int(gib * 2**30) // 4, np.float32)
+    n_threads = os.cpu_count() or 1
+    parts = np.array_split(data, n_threads)
+    best = 0.0
+    for _ in range(repeats):
+        threads = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, data.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def matmul_throughput(precision: str, m: int = 1024, k: int = 2048, n: int = 2048) -> float:
+    """GFLOP/s of ``x @ W.T`` for a precision (quantized: fp32 activations, group size 64)."""
+    import mlx.core as mx
+
+    dtype = mx.bfloat16 if precision == "bf16" else mx.float32
+    x = mx.random.normal((m, k)).astype(dtype)
+    w = mx.random.normal((n, k))
+    if precision in ("8", "4"):
+        q = mx.quantize(w, group_size=64, bits=int(precision))
+        f = lambda: mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=int(precision))  # noqa: E731
+    else:
+        w = w.astype(dtype)
+        f = lambda: x @ w.T  # noqa: E731
+    mx.eval(f())
+    t0 = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - t0 < 1.0:
+        mx.eval(f())
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def measure_machine(precisions: list[str]) -> dict:
+    from . import blas
+
+    return {
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpus": os.cpu_count(),
+        "blas": blas.loaded,
+        "blas_shim": bool(blas.shim),
+        "memory_bandwidth_gbs": round(memory_bandwidth(), 2),
+        "matmul_gflops": {p: round(matmul_throughput(p), 1) for p in precisions},
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# model costs (what the bounds are computed from)
+
+
+def model_costs(params: dict, precision: str) -> dict:
+    """Bytes of weights one decode step reads and FLOPs per second of audio for the encoder."""
+    from .config import ModelArgs
+
+    a = ModelArgs.from_dict(params)
+    e = a.encoder
+    dec_layer = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
+    dec_layer += 3 * a.dim * a.hidden_dim
+    step_weights = a.n_layers * dec_layer + a.vocab_size * a.dim  # + tied LM head
+    enc_layer = e.dim * (e.n_heads + 2 * e.n_kv_heads) * e.head_dim + e.n_heads * e.head_dim * e.dim
+    enc_layer += 3 * e.dim * e.hidden_dim
+    frames_per_s = 50.0
+    window = e.sliding_window
+    attention = 2 * 2 * e.n_heads * e.head_dim * window  # QK^T and AV per frame, full window
+    conv = 2 * 3 * (e.audio_encoding_args.num_mel_bins * e.dim * 2 + e.dim * e.dim)  # per 50 Hz frame
+    adapter = 2 * (e.dim * a.downsample_factor * a.dim + a.dim * a.dim) / a.downsample_factor
+    encoder_flops = frames_per_s * (2 * e.n_layers * enc_layer + e.n_layers * attention + conv + adapter)
+    return {
+        "decode_step_bytes": step_weights * BYTES_PER_WEIGHT[precision],
+        "encoder_flops_per_audio_s": encoder_flops,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# one precision, in a worker process
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # macOS: no /proc; report the peak instead
+        return _peak_rss()
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class Result:
+    precision: str
+    load_s: float = 0.0
+    rss_after_load_gb: float = 0.0
+    peak_rss_gb: float = 0.0
+    offline: dict = field(default_factory=dict)
+    streaming: dict = field(default_factory=dict)
+    concurrent: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def _offline(model, audio: np.ndarray) -> dict:
+    from .generate import transcribe
+
+    r = transcribe(model, audio)
+    t = r.timings
+    n_decode = max(len(r.token_ids) - 1, 1)
+    return {
+        "audio_s": round(r.audio_duration, 2),
+        "tokens": len(r.token_ids),
+        "encode_s": round(t.encode, 3),
+        "prefill_s": round(t.prefill, 3),
+        "decode_s": round(t.decode, 3),
+        "encoder_s_per_audio_s": round(t.encode / r.audio_duration, 4),
+        "prefill_tok_s": round(r.prompt_tokens / t.prefill, 1) if t.prefill else None,
+        "decode_ms_per_token": round(1000 * t.decode / n_decode, 2),
+        "rtf": round(r.real_time_factor, 3),
+        "peak_rss_gb": round(_peak_rss() / 1e9, 3),
+    }
+
+
+def _streaming(model, audio: np.ndarray, chunk_ms: int = 80) -> dict:
+    """Feed chunks as fast as they are consumed; latency = chunk arrival -> its token out."""
+    from .generate import TextDelta, stream_transcribe
+
+    chunk = int(SAMPLE_RATE * chunk_ms / 1000)
+    arrivals: list[float] = []
+    latencies: list[float] = []
+    first_text: Optional[float] = None
+
+    def chunks():
+        for i in range(0, len(audio), chunk):
+            arrivals.append(time.perf_counter())
+            yield audio[i : i + chunk]
+
+    t0 = time.perf_counter()
+    done_tokens = 0
+    for event in stream_transcribe(model, chunks()):
+        now = time.perf_counter()
+        if isinstance(event, TextDelta) and first_text is None:
+            first_text = now - t0
+        latencies.append(now - arrivals[-1])
+        done_tokens += 1
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) if latencies else np.zeros(1)
+    return {
+        "chunk_ms": chunk_ms,
+        "rtf": round(len(audio) / SAMPLE_RATE / wall, 3),
+        "first_text_s_from_start": round(first_text, 3) if first_text is not None else None,
+        "event_latency_p50_s": round(float(np.percentile(lat, 50)), 3),
+        "event_latency_p95_s": round(float(np.percentile(lat, 95)), 3),
+        "model_delay_s": round(model.tokenizer.default_delay_ms / 1000, 3),
+    }
+
+
+def _concurrent(model, audio: np.ndarray, streams: int) -> dict:
+    """Tokens/s of N sessions decoded together (batch_step) vs one alone."""
+    from .generate import Timings, batch_step
+    from .session import Session
+
+    def run(n: int) -> float:
+        sessions = [Session(model) for _ in range(n)]
+        for i, s in enumerate(sessions):  # different offsets so streams are not identical
+            shift = (i * 3 * SAMPLE_RATE) % max(len(audio), 1)
+            s.push(np.roll(audio, -shift))
+            s.finish()
+        t0 = time.perf_counter()
+        while not all(s.done for s in sessions):
+            batch_step(model, sessions, Timings())
+        return sum(len(s.token_ids) for s in sessions) / (time.perf_counter() - t0)
+
+    single = run(1)
+    many = run(streams)
+    return {
+        "streams": streams,
+        "single_tokens_per_s": round(single, 2),
+        "batched_tokens_per_s": round(many, 2),
+        "speedup": round(many / single, 2),
+    }
+
+
+def run_worker(spec: dict) -> dict:
+    """Everything for one precision (runs in its own process)."""
+    import mlx.core as mx
+
+    from .loader import load
+
+    dtype_name, bits = PRECISIONS[spec["precision"]]
+    result = Result(spec["precision"])
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"dtype": getattr(mx, dtype_name) if dtype_name else None}
+    if bits:
+        kwargs["quantize"] = bits
+    model = load(spec["model"], **kwargs)
+    result.load_s = round(time.perf_counter() - t0, 2)
+    result.rss_after_load_gb = round(_rss() / 1e9, 3)
+    lengths = spec["lengths"]
+    audio = {s: speech(s, spec.get("audio")) for s in lengths}
+    modes = spec["modes"]
+    if "offline" in modes:
+        result.offline = {str(s): _offline(model, audio[s]) for s in lengths}
+    if "streaming" in modes:
+        result.streaming = _streaming(model, audio[min(lengths)])
+    if "concurrent" in modes:
+        result.concurrent = _concurrent(model, audio[min(lengths)], spec["streams"])
+    result.peak_rss_gb = round(_peak_rss() / 1e9, 3)
+    return asdict(result)
+
+
+def _in_subprocess(args: list[str], timeout: Optional[float], python: str = sys.executable) -> dict:
+    try:
+        proc = subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# peers
+
+_PEER_CODE = {
+    "voxmlx": """
+import json, sys, time
+t0 = time.perf_counter()
+import voxmlx
+from voxmlx.generate import generate
+model, sp, config = voxmlx.load_model(sys.argv[1])
+load_s = time.perf_counter() - t0
+prompt, n_delay = voxmlx._build_prompt_tokens(sp)
+t0 = time.perf_counter()
+out = generate(model, sys.argv[2], prompt, n_delay_tokens=n_delay, eos_token_id=sp.eos_id)
+print(json.dumps({"load_s": load_s, "transcribe_s": time.perf_counter() - t0, "tokens": len(out)}))
+""",
+    "mlx-audio": """
+import json, sys, time
+t0 = time.perf_counter()
+from mlx_audio.stt.utils import load
+model = load(sys.argv[1])
+load_s = time.perf_counter() - t0
+t0 = time.perf_counter()
+out = model.generate(sys.argv[2])
+print(json.dumps({"load_s": load_s, "transcribe_s": time.perf_counter() - t0, "tokens": None}))
+""",
+    "mistral.rs": """
+import json, sys, time
+import mistralrs as m
+arch = getattr(m, "MultimodalArchitecture", None) or m.VisionArchitecture
+which = getattr(m.Which, "MultimodalPlain", None) or m.Which.VisionPlain
+t0 = time.perf_counter()
+runner = m.Runner(which=which(model_id=sys.argv[1], arch=arch.Voxtral), in_situ_quant=sys.argv[3] or None)
+load_s = time.perf_counter() - t0
+t0 = time.perf_counter()
+res = runner.send_chat_completion_request(m.ChatCompletionRequest(model="default", messages=[{"role": "user",
+    "content": [{"type": "audio_url", "audio_url": {"url": sys.argv[2]}}, {"type": "text", "text": "Transcribe."}]}],
+    max_tokens=100000, temperature=0.0))
+print(json.dumps({"load_s": load_s, "transcribe_s": time.perf_counter() - t0, "tokens": res.usage.completion_tokens}))
+""",
+    "transformers": """
+import json, sys, time
+sys.path.insert(0, "tests")
+import torch
+torch.set_num_threads(__import__("os").cpu_count())
+from reference import Reference
+from mlx_voxtral.audio import load_audio
+t0 = time.perf_counter()
+ref = Reference(sys.argv[1])
+load_s = time.perf_counter() - t0
+audio = load_audio(sys.argv[2])
+t0 = time.perf_counter()
+out = ref.generate(audio)
+print(json.dumps({"load_s": load_s, "transcribe_s": time.perf_counter() - t0, "tokens": len(out)}))
+""",
+}
+PEER_PRECISION = {"voxmlx": "checkpoint dtype", "mlx-audio": "checkpoint dtype", "mistral.rs": "ISQ as given",
+                  "transformers": "fp32"}
+
+
+def run_peer(name: str, model: str, wav: str, seconds: float, python: str, timeout: float, isq: str) -> dict:
+    out = _in_subprocess(["-c", _PEER_CODE[name], model, wav, isq], timeout, python)
+    out["peer"] = name
+    out["precision"] = PEER_PRECISION[name] + (f" ({isq})" if name == "mistral.rs" and isq else "")
+    if "transcribe_s" in out:
+        out["rtf"] = round(seconds / out["transcribe_s"], 3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(x: Any, spec: str = "") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def report(machine: dict, results: list[dict], peers: list[dict], params: dict) -> str:
+    bw = machine["memory_bandwidth_gbs"]
+    lines = [
+        f"machine: {machine['platform']}, {machine['cpus']} cpus, BLAS {machine['blas']}"
+        f"{' + shim' if machine['blas_shim'] else ''}; read bandwidth {bw} GB/s; matmul GFLOP/s "
+        + ", ".join(f"{p}: {v}" for p, v in machine["matmul_gflops"].items()),
+        "",
+        f"{'precision':>9} {'load s':>7} {'RSS GB':>7} {'peak GB':>8} {'audio s':>7} {'RTF':>6} "
+        f"{'enc s/s':>8} {'(bound)':>8} {'prefill t/s':>11} {'ms/token':>9} {'(bound)':>8}",
+    ]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"{r['precision']:>9}  error: {r['error']}")
+            continue
+        costs = model_costs(params, r["precision"])
+        decode_bound = 1000 * costs["decode_step_bytes"] / (bw * 1e9)
+        gflops = machine["matmul_gflops"].get(r["precision"])
+        enc_bound = costs["encoder_flops_per_audio_s"] / (gflops * 1e9) if gflops else None
+        for length, o in r["offline"].items():
+            lines.append(
+                f"{r['precision']:>9} {r['load_s']:>7} {r['rss_after_load_gb']:>7} {r['peak_rss_gb']:>8} "
+                f"{o['audio_s']:>7} {o['rtf']:>6} {o['encoder_s_per_audio_s']:>8} {_fmt(enc_bound, '.4f'):>8} "
+                f"{_fmt(o['prefill_tok_s']):>11} {o['decode_ms_per_token']:>9} {decode_bound:>8.1f}"
+            )
+        if r["streaming"]:
+            s = r["streaming"]
+            lines.append(
+                f"{'':>9} streaming ({s['chunk_ms']} ms chunks): RTF {s['rtf']}, event latency p50 "
+                f"{s['event_latency_p50_s']} s / p95 {s['event_latency_p95_s']} s after the chunk "
+                f"(+ the model's {s['model_delay_s']} s delay), first text {s['first_text_s_from_start']} s"
+            )
+        if r["concurrent"]:
+            c = r["concurrent"]
+            lines.append(
+                f"{'':>9} {c['streams']} concurrent streams: {c['batched_tokens_per_s']} tok/s vs "
+                f"{c['single_tokens_per_s']} tok/s alone ({c['speedup']}x)"
+            )
+    if peers:
+        lines += ["", "peers (same checkpoint, same audio):"]
+        for p in peers:
+            if p.get("error"):
+                lines.append(f"  {p['peer']:>12} [{p['precision']}]: error: {p['error']}")
+            else:
+                lines.append(
+                    f"  {p['peer']:>12} [{p['precision']}]: RTF {p['rtf']}, load {p['load_s']:.1f} s, "
+                    f"transcribe {p['transcribe_s']:.1f} s"
+                )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r.get("offline"):
+            xs = sorted(float(k) for k in r["offline"])
+            ax.plot(xs, [r["offline"][k]["rtf"] for k in sorted(r["offline"], key=float)], marker="o",
+                    label=r["precision"])
+    ax.set_xlabel("audio length (s)")
+    ax.set_ylabel("real-time factor (audio s / wall s)")
+    ax.set_title("mlx_voxtral offline transcription")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-voxtral bench", description=__doc__.split("\n\n")[0])
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint folder or Hugging Face repo id")
+    src.add_argument("--random", choices=["tiny", "full"], help="a cached random-weight checkpoint")
+    parser.add_argument("--audio", help="speech file (default: espeak-ng sentences)")
+    parser.add_argument("--lengths", default="60", help="audio lengths in seconds, comma separated")
+    parser.add_argument("--precisions", default="fp32,bf16,8,4", help="of fp32, bf16, 8, 4")
+    parser.add_argument("--modes", default="offline,streaming,concurrent")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--peers", default="", help="comma list of voxmlx,mlx-audio,mistral.rs,transformers or 'all'")
+    parser.add_argument("--peer-python", default=sys.executable, help="interpreter that has the peers installed")
+    parser.add_argument("--peer-timeout", type=float, default=3600.0)
+    parser.add_argument("--mistralrs-isq", default="", help="in_situ_quant for mistral.rs (e.g. Q4K)")
+    parser.add_argument("--json", help="write all figures to this JSON file")
+    parser.add_argument("--plot", help="write a PNG of RTF against audio length (needs matplotlib)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+
+    model = str(random_checkpoint(args.random)) if args.random else (args.model or "mistralai/Voxtral-Mini-4B-Realtime-2602")
+    from .loader import load_args, resolve_path
+
+    path = resolve_path(model)
+    params = json.loads((path / "params.json").read_text()) if (path / "params.json").exists() else None
+    if params is None:
+        load_args(path)  # raises a clear error for a folder that is not a checkpoint
+    lengths = [float(x) for x in args.lengths.split(",") if x]
+    precisions = [p for p in args.precisions.split(",") if p]
+    for p in precisions:
+        if p not in PRECISIONS:
+            parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    machine = measure_machine(precisions)
+    results = []
+    for p in precisions:
+        spec = {"model": str(path), "precision": p, "lengths": lengths, "audio": args.audio,
+                "modes": args.modes.split(","), "streams": args.streams}
+        print(f"benchmarking {p} ...", file=sys.stderr)
+        out = _in_subprocess(["-m", "mlx_voxtral.bench", "--worker", json.dumps(spec)], None)
+        results.append(out if "precision" in out else {"precision": p, **out})
+    peers = []
+    names = list(_PEER_CODE) if args.peers == "all" else [n for n in args.peers.split(",") if n]
+    if names:
+        seconds = max(lengths)
+        with tempfile.TemporaryDirectory() as tmp:
+            import soundfile as sf
+
+            wav = os.path.join(tmp, "speech.wav")
+            sf.write(wav, speech(seconds, args.audio), SAMPLE_RATE)
+            for name in names:
+                if name not in _PEER_CODE:
+                    parser.error(f"unknown peer {name!r}")
+                print(f"benchmarking peer {name} ...", file=sys.stderr)
+                peers.append(run_peer(name, str(path), wav, seconds, args.peer_python, args.peer_timeout,
+                                      args.mistralrs_isq))
+    print(report(machine, results, peers, params))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "machine": machine, "results": results,
+                                               "peers": peers}, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
