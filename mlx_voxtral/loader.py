@@ -117,33 +117,36 @@ def _materialize(
     after their group is loaded, so float and quantized copies of the whole model never
     coexist: the peak is about the final size plus one group.
     """
+    # Paths of the layers to quantize. No reference to the float modules may outlive this
+    # statement: it would keep every float weight alive until the end of loading.
     quantized = set()
     if predicate is not None:
         leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
         quantized = {path for path, m in leaves if predicate(path, m)}
+        del leaves
+
+    def cast(name: str, w: mx.array) -> mx.array:
+        module, _, leaf = name.rpartition(".")
+        # a quantized layer's weight (before quantization), scales and biases
+        quant = leaf in ("scales", "biases") or (leaf == "weight" and module in quantized)
+        target = dtype if quant or float_dtype is None else float_dtype
+        if target is None or not mx.issubdtype(w.dtype, mx.floating):
+            return w
+        return w.astype(target)
+
     groups: dict[str, list[str]] = {}
     for name in weights:
         parts = name.split(".")
         key = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
         groups.setdefault(key, []).append(name)
     for done, (key, names) in enumerate(groups.items(), start=1):
-        chunk = []
-        for name in names:
-            w = weights.pop(name)
-            if mx.issubdtype(w.dtype, mx.floating):
-                module, _, leaf = name.rpartition(".")
-                # a quantized layer's weight (before quantization), scales and biases
-                quant = leaf in ("scales", "biases") or (leaf == "weight" and module in quantized)
-                target = dtype if quant or float_dtype is None else float_dtype
-                if target is not None:
-                    w = w.astype(target)
-            chunk.append((name, w))
+        chunk = [(name, cast(name, weights.pop(name))) for name in names]
         model.load_weights(chunk, strict=False)
+        del chunk  # the model holds the group's tensors; quantizing drops the float ones
         pending = {path for path in quantized if path.startswith(key + ".") or path == key}
         if pending:
             nn.quantize(model, class_predicate=lambda p, m: p in pending and predicate(p, m))
         mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(key + ".")])
-        del chunk
         if progress is not None:
             progress(done, len(groups))
 

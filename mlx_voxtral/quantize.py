@@ -145,7 +145,9 @@ def check_stored_config(config: Any) -> dict[str, Any]:
             f"params.json has an unreadable quantization block {config!r}{detail}"
         ) from e
     if checked is None:
-        raise CheckpointError(f"params.json has a quantization block with no quantized part: {config!r}")
+        raise CheckpointError(
+            f"params.json has a quantization block with no quantized part: {config!r}"
+        )
     return checked
 
 
