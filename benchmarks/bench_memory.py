@@ -2,6 +2,7 @@
 """Resident memory of a loaded model, full precision and quantized, relative to the checkpoint.
 
     python benchmarks/bench_memory.py --model checkpoints/full --bits none 8 4
+    python benchmarks/bench_memory.py --model full-4bit --bits none --relative-to checkpoints/full
 
 Each setting loads the model in a fresh Python process and reports, relative to the size of
 the checkpoint's safetensors files (the bf16 size for Mistral's release):
@@ -46,7 +47,8 @@ start = time.perf_counter()
 model = mlx_voxtral.load(path, quantize=quantize, group_size=group_size)
 seconds = time.perf_counter() - start
 after = rss()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
 print(json.dumps({
     "before": before, "final": after, "peak": peak, "mlx": mx.get_active_memory(),
     "mlx_peak": mx.get_peak_memory(), "load_seconds": seconds,
@@ -68,16 +70,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint folder (native or converted)")
     parser.add_argument("--bits", nargs="+", default=["none", "8", "4"], choices=["none", "8", "4"],
-                        help="settings to measure (default: none 8 4)")
+                        help="quantize while loading: settings to measure (default: none 8 4)")
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--relative-to", default=None,
+                        help="checkpoint whose size is 1.0x (default: --model), e.g. the bf16 "
+                             "source of a converted folder")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
-    size = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    reference = Path(args.relative_to or args.model)
+    size = sum(f.stat().st_size for f in reference.glob("*.safetensors"))
     gib = 1 << 30
     rows = []
-    print(f"checkpoint {args.model}: {size / gib:.2f} GiB of safetensors")
-    print(f"{'bits':>5} {'model GiB':>10} {'model x':>8} {'final x':>8} {'peak x':>8} {'mlx x':>7} {'load s':>7}")
+    print(f"{args.model}; 1.0x = {reference}: {size / gib:.2f} GiB of safetensors")
+    columns = ["model x", "final x", "peak x", "mlx x", "load s"]
+    print(f"{'bits':>5} {'model GiB':>10} " + " ".join(f"{c:>8}" for c in columns))
     for bits in args.bits:
         r = measure(args.model, bits, args.group_size)
         rel = lambda v: None if v is None else round(v / size, 4)  # noqa: E731
@@ -90,9 +97,10 @@ def main() -> None:
         }
         rows.append(row)
         fmt = lambda v: "   n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        values = [row["model_x"], row["final_x"], row["peak_x"], row["mlx_x"]]
         print(f"{bits:>5} {fmt(None if model_bytes is None else model_bytes / gib):>10} "
-              f"{fmt(row['model_x']):>8} {fmt(row['final_x']):>8} {fmt(row['peak_x']):>8} "
-              f"{fmt(row['mlx_x']):>7} {row['load_seconds']:>7.1f}", flush=True)
+              + " ".join(f"{fmt(v):>8}" for v in values) + f" {row['load_seconds']:>8.1f}",
+              flush=True)
     print(json.dumps(rows, indent=2))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,7 +1,11 @@
 """Convert a Voxtral Realtime checkpoint to an MLX-format folder, optionally quantized.
 
     python -m mlx_voxtral.convert --model mistralai/Voxtral-Mini-4B-Realtime-2602 \\
-        --out voxtral-4bit --bits 4 --group-size 64
+        --out voxtral-4bit --bits 4 --group-size 64 [--encoder-bits 8] [--upload-repo ME/REPO]
+
+Without ``--bits`` the weights keep full precision (``--dtype`` can change it); per-part
+flags (``--decoder-bits``, ``--encoder-bits``, ``--embedding-bits``, ``--adapter-bits``:
+4, 8 or none) override the policy of ``mlx_voxtral.quantize``.
 
 The output folder holds:
 
@@ -88,11 +92,10 @@ def model_card(base_model: str, name: str, config: Optional[dict], dtype: mx.Dty
     from . import __version__
 
     tags = ["mlx", "voxtral", "speech-recognition", "streaming"]
-    if config is not None:
-        tags.append(f"{config['bits']}-bit")
     if config is None:
         weights = f"Weights in {str(dtype).split('.')[-1]}, not quantized."
     else:
+        tags.append(f"{config['bits']}-bit")
         weights = (
             f"Quantized with group-wise affine quantization: {describe(config)}. The conv stem, "
             "norms and ada-norm MLPs stay in full precision."
@@ -219,10 +222,11 @@ def _part_bits(value: str) -> Optional[int]:
         raise argparse.ArgumentTypeError(f"expected 4, 8 or none, got {value!r}") from None
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """``python -m mlx_voxtral.convert``: parse arguments and call ``convert``."""
+def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.convert") -> None:
+    """``python -m mlx_voxtral.convert``: parse ``argv`` (default ``sys.argv[1:]``), call
+    ``convert``; a ``VoxtralError`` is printed as ``error: ...`` and exits with status 2."""
     parser = argparse.ArgumentParser(
-        prog="python -m mlx_voxtral.convert",
+        prog=prog,
         description="Convert a Voxtral Realtime checkpoint to MLX format, optionally quantized.",
     )
     parser.add_argument("--model", required=True, help="source folder or Hugging Face repo id")
