@@ -118,7 +118,7 @@ def _materialize(
     coexist: the peak is about the final size plus one group.
     """
     # Paths of the layers to quantize. No reference to the float modules may outlive this
-    # statement: it would keep every float weight alive until the end of loading.
+    # block: it would keep every float weight alive until the end of loading.
     quantized = set()
     if predicate is not None:
         leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
