@@ -1,10 +1,19 @@
 """mlx_voxtral: Mistral's Voxtral Realtime speech recognition on MLX."""
 
+import warnings
+
 from .blas import use_system_blas
 
 use_system_blas()  # before mlx.core is imported anywhere in this package
 
+# `python -m mlx_voxtral.convert` runs a module that this package has already imported (for
+# the `convert` export, as mlx-lm does); runpy's warning about that is expected and harmless.
+warnings.filterwarnings(
+    "ignore", message=r"'mlx_voxtral\.convert' found in sys\.modules", category=RuntimeWarning
+)
+
 from .audio import load_audio, log_mel_spectrogram  # noqa: E402
+from .convert import convert  # noqa: E402
 from .exceptions import (  # noqa: E402
     AudioError,
     CheckpointError,
@@ -29,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "convert",
     "transcribe",
     "stream_transcribe",
     "async_stream_transcribe",

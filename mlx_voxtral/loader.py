@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,13 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .exceptions import CheckpointError
 from .model import Model
+from .quantize import (
+    QuantizeArg,
+    check_stored_config,
+    class_predicate,
+    describe,
+    quantization_config,
+)
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -93,48 +100,114 @@ def _check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         raise CheckpointError("checkpoint does not match the model: " + " | ".join(problems))
 
 
-def _materialize(model: nn.Module, weights: dict[str, mx.array], dtype: Optional[mx.Dtype]) -> None:
-    """Load weights group by group, evaluating each before the next so the peak stays low."""
+def _materialize(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    dtype: Optional[mx.Dtype],
+    float_dtype: Optional[mx.Dtype] = None,
+    predicate: Optional[Callable[[str, nn.Module], Union[bool, dict]]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> None:
+    """Load weights group by group, evaluating each before the next so the peak stays low.
+
+    A group is one encoder/decoder layer, the embedding, the adapter's projections, ...
+    ``dtype`` casts floating tensors (None keeps the stored dtype); ``float_dtype``, if set,
+    overrides it for parameters outside quantized layers (float32 activations on CPU).
+    With ``predicate`` (in-situ quantization) the layers it selects are quantized right
+    after their group is loaded, so float and quantized copies of the whole model never
+    coexist: the peak is about the final size plus one group.
+    """
+    # Paths of the layers to quantize. No reference to the float modules may outlive this
+    # block: it would keep every float weight alive until the end of loading.
+    quantized = set()
+    if predicate is not None:
+        leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+        quantized = {path for path, m in leaves if predicate(path, m)}
+        del leaves
+
+    def cast(name: str, w: mx.array) -> mx.array:
+        module, _, leaf = name.rpartition(".")
+        # a quantized layer's weight (before quantization), scales and biases
+        quant = leaf in ("scales", "biases") or (leaf == "weight" and module in quantized)
+        target = dtype if quant or float_dtype is None else float_dtype
+        if target is None or not mx.issubdtype(w.dtype, mx.floating):
+            return w
+        return w.astype(target)
+
     groups: dict[str, list[str]] = {}
     for name in weights:
         parts = name.split(".")
         key = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
         groups.setdefault(key, []).append(name)
-    for names in groups.values():
-        chunk = []
-        for name in names:
-            w = weights.pop(name)
-            if dtype is not None and mx.issubdtype(w.dtype, mx.floating):
-                w = w.astype(dtype)
-            chunk.append((name, w))
+    for done, (key, names) in enumerate(groups.items(), start=1):
+        chunk = [(name, cast(name, weights.pop(name))) for name in names]
         model.load_weights(chunk, strict=False)
-        mx.eval([w for _, w in chunk])
-        del chunk
+        del chunk  # the model holds the group's tensors; quantizing drops the float ones
+        pending = {path for path in quantized if path.startswith(key + ".") or path == key}
+        if pending:
+            nn.quantize(model, class_predicate=lambda p, m: p in pending and predicate(p, m))
+        mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(key + ".")])
+        if progress is not None:
+            progress(done, len(groups))
 
 
 def load(
     path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL,
     dtype: Optional[mx.Dtype] = None,
+    quantize: QuantizeArg = None,
+    group_size: int = 64,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Model:
     """Load a Voxtral Realtime model and its tokenizer (``model.tokenizer``).
 
     Args:
-        path_or_repo: a folder with ``params.json``, ``consolidated.safetensors`` and
-            ``tekken.json``, or a Hugging Face repo id (downloaded and cached).
-        dtype: compute/storage dtype for floating weights; ``None`` keeps the checkpoint's.
+        path_or_repo: a folder with ``params.json``, ``*.safetensors`` and ``tekken.json``
+            (Mistral's native checkpoint, or one written by ``mlx_voxtral.convert``, quantized
+            or not), or a Hugging Face repo id (downloaded and cached).
+        dtype: dtype of the floating weights (and of quantization scales); ``None`` keeps the
+            checkpoint's. A quantized model on CPU keeps its unquantized parameters in
+            float32 by default, so that activations are float32 (see ``mlx_voxtral.quantize``).
+        quantize: quantize while loading, layer by layer: 4 or 8 (decoder, encoder and
+            embedding/LM head at that width, the adapter at 8 bits: the policy measured in
+            ``mlx_voxtral.quantize``), or a dict such as ``{"decoder": 4, "encoder": 8,
+            "embedding": 4, "adapter": 8}`` (parts not named stay full precision). A folder
+            that is already quantized is loaded as stored and must not be given ``quantize``.
+        group_size: weights per quantization group (32, 64 or 128) when quantizing;
+            a layer whose input size it does not divide stays full precision.
+        progress: called as ``progress(groups_done, groups_total)`` while weights load.
 
     Raises:
-        CheckpointError: not a Voxtral Realtime checkpoint, or weights that do not match.
+        CheckpointError: not a Voxtral Realtime checkpoint, weights that do not match, or
+            ``quantize`` given for an already quantized folder.
+        InvalidRequestError: unsupported ``quantize`` bits or ``group_size``.
     """
+    config = quantization_config(quantize, group_size)
     path = resolve_path(path_or_repo)
     args = load_args(path)
     if not (path / "tekken.json").exists():
         raise CheckpointError(f"{path} has no tekken.json tokenizer")
     tokenizer = Tokenizer(path / "tekken.json")
     model = Model(args)
+    in_situ = None
+    if args.quantization is not None:
+        stored = check_stored_config(args.quantization)
+        if quantize is not None:
+            raise CheckpointError(
+                f"{path} is already quantized ({describe(stored)}); load it without "
+                "quantize, or quantize the original (unquantized) checkpoint instead"
+            )
+        config = stored
+        # quantized layers whose (lazy, never computed) contents the stored tensors replace
+        nn.quantize(model, class_predicate=class_predicate(config))
+    elif config is not None:
+        in_situ = class_predicate(config)
     weights = Model.sanitize(load_weights(path))
     _check_weights(model, weights)
-    _materialize(model, weights, dtype)
+    float_dtype = None
+    if config is not None and dtype is None and mx.default_device().type == mx.DeviceType.cpu:
+        float_dtype = mx.float32
+    _materialize(model, weights, dtype, float_dtype, in_situ, progress)
+    args.quantization = config
     model.eval()
     model.tokenizer = tokenizer
     model.path = path
