@@ -76,11 +76,12 @@ FULL_PARAMS = {
 }
 
 # Small dimensions, same names and structure. The encoder keeps the real 750-frame window
-# so that audio longer than 15 s exercises it; head counts keep n_heads * head_dim != dim
-# and grouped-query attention as in the real model.
+# so that audio longer than 15 s exercises it; n_heads * head_dim != dim and grouped-query
+# attention as in the real model; every matrix dimension is a multiple of 64 so that
+# quantization (group size 32/64) reaches every layer, as on the real model.
 TINY = {
-    "dim": 128, "n_layers": 2, "head_dim": 32, "hidden_dim": 256, "n_heads": 4, "n_kv_heads": 2,
-    "encoder": {"dim": 96, "n_layers": 2, "head_dim": 32, "hidden_dim": 384, "n_heads": 4, "n_kv_heads": 4},
+    "dim": 128, "n_layers": 2, "head_dim": 48, "hidden_dim": 256, "n_heads": 4, "n_kv_heads": 2,
+    "encoder": {"dim": 128, "n_layers": 2, "head_dim": 48, "hidden_dim": 512, "n_heads": 4, "n_kv_heads": 4},
 }
 
 AUDIO_SECTION = {

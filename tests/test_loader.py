@@ -39,7 +39,7 @@ def test_load_local_folder(tiny_checkpoint):
     fp32 = mlx_voxtral.load(str(tiny_checkpoint), dtype=mx.float32)
     assert fp32.dtype == mx.float32
     w = np.array(fp32.encoder.conv_layers[0].weight)
-    assert w.shape == (96, 3, 128)  # conv kernels moved to MLX's [out, k, in]
+    assert w.shape == (128, 3, 128)  # conv kernels moved to MLX's [out, k, in]
 
 
 def test_missing_and_wrong_folders(tmp_path):

@@ -92,14 +92,13 @@ def converted(tiny_checkpoint, tmp_path_factory):
 def test_policy_keeps_sensitive_layers_in_full_precision(quantized):
     model = quantized[4]
     dec, enc = model.decoder.layers[0], model.encoder.layers[0]
-    layers = (dec.attention.wq, dec.attention.wk, dec.feed_forward.w2, enc.feed_forward.w2, enc.attention.wo)
+    layers = (dec.attention.wq, dec.attention.wk, dec.feed_forward.w2, enc.feed_forward.w2,
+              enc.attention.wo, enc.attention.wq, enc.feed_forward.w1)
     for layer in layers:
         assert isinstance(layer, nn.QuantizedLinear) and (layer.bits, layer.group_size) == (4, 64)
     assert isinstance(model.decoder.tok_embeddings, nn.QuantizedEmbedding)  # also the tied LM head
     assert model.decoder.tok_embeddings.bits == 4
     assert model.adapter.w_in.bits == model.adapter.w_out.bits == 8  # measured: sensitive
-    # input dim 96 is not a multiple of 64: skipped, not an error
-    assert type(enc.attention.wq) is nn.Linear and type(enc.feed_forward.w1) is nn.Linear
     assert type(dec.ada_down) is nn.Linear and type(dec.ada_up) is nn.Linear
     assert "bias" in enc.attention.wo and enc.attention.wo.bias.dtype == mx.float32
     # CPU: everything outside quantized layers in float32, so activations are float32;
@@ -118,6 +117,10 @@ def test_policy_keeps_sensitive_layers_in_full_precision(quantized):
     assert isinstance(gs32.encoder.layers[0].attention.wq, nn.QuantizedLinear)
     assert gs32.encoder.layers[0].attention.wq.group_size == 32
     assert type(gs32.decoder.layers[0].ada_down) is nn.Linear
+    # wo's input (4 heads x 48 = 192) is not a multiple of 128: skipped, not an error
+    gs128 = mlx_voxtral.load(model.path, quantize=8, group_size=128)
+    assert type(gs128.decoder.layers[0].attention.wo) is nn.Linear
+    assert isinstance(gs128.decoder.layers[0].attention.wq, nn.QuantizedLinear)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -153,21 +153,33 @@ def test_eos_mid_audio_restarts_on_the_uncovered_audio(eos_model, speech_5s):
     assert sum(isinstance(e, StreamReset) and e.reason == "eos" for e in events) == result.resets
 
 
-def test_eos_after_the_audio_stops(tiny_checkpoint, tmp_path, model_fp32, speech_5s):
-    """EOS made once the decoder has heard all the audio ends the transcription. (Here EOS
-    points where the token the model makes for trailing silence points.)"""
-    baseline = mlx_voxtral.transcribe(model_fp32, speech_5s)
-    path = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, path)
-    weights = dict(mx.load(str(path / "consolidated.safetensors")))
-    name = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
-    emb = weights[name]
-    emb[2] = emb[baseline.token_ids[-1]] * 1.02
-    weights[name] = emb
-    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
-    result = mlx_voxtral.transcribe(mlx_voxtral.load(path, dtype=mx.float32), speech_5s)
-    assert result.finish_reason == "stop" and result.token_ids[-1] == 2
-    assert result.words and result.words[-1].end <= result.audio_duration
+def test_eos_rule(model_fp32):
+    """EOS ends the session only once the audio has ended and the decoder was fed its last
+    real audio position; otherwise the decoder restarts on the audio the text had not
+    covered (its position minus the delay and the left pad)."""
+    from mlx_voxtral.session import Session
+
+    audio = np.random.default_rng(0).uniform(-0.1, 0.1, 3 * 16000).astype(np.float32)
+    last = 32 + -(-len(audio) // 1280) - 1  # decoder position of the last real audio
+
+    live = Session(model_fp32)
+    live.push(audio)
+    events = live.on_token(2, 60)  # still streaming: restart
+    assert isinstance(events[-1], StreamReset) and events[-1].reason == "eos"
+    covered = (60 + 1 - 6 - 32) * 1280
+    assert live.origin == covered and live.stream.samples == len(audio) - covered
+    assert events[-1].time == covered / 16000 and not live.done
+
+    early = Session(model_fp32)
+    early.push(audio)
+    early.finish()
+    early.on_token(2, last - 1)  # audio ended, but not all of it was heard yet
+    assert not early.done and early.resets == 1 and early.stream.finished
+
+    ended = Session(model_fp32)
+    ended.push(audio)
+    ended.finish()
+    assert ended.on_token(2, last) == [] and ended.finish_reason == "stop" and ended.resets == 0
 
 
 def test_position_limit_rolls_over(tmp_path_factory, speech_40s):
