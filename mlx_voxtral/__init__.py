@@ -2,7 +2,7 @@
 
 import warnings
 
-from .blas import use_system_blas
+from .native import use_system_blas
 
 use_system_blas()  # before mlx.core is imported anywhere in this package
 

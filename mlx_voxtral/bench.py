@@ -134,13 +134,13 @@ def matmul_throughput(precision: str, m: int = 1024, k: int = 2048, n: int = 204
 
 
 def measure_machine(precisions: list[str]) -> dict:
-    from . import blas
+    from . import native
 
     return {
         "platform": f"{platform.system()} {platform.machine()}",
         "cpus": os.cpu_count(),
-        "blas": blas.loaded,
-        "blas_shim": bool(blas.shim),
+        "blas": native.loaded,
+        "native_kernels": native.kernels_available(),
         "memory_bandwidth_gbs": round(memory_bandwidth(), 2),
         "matmul_gflops": {p: round(matmul_throughput(p), 1) for p in precisions},
     }
@@ -403,7 +403,7 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict) 
     bw = machine["memory_bandwidth_gbs"]
     lines = [
         f"machine: {machine['platform']}, {machine['cpus']} cpus, BLAS {machine['blas']}"
-        f"{' + shim' if machine['blas_shim'] else ''}; read bandwidth {bw} GB/s; matmul GFLOP/s "
+        f"{' + native kernels' if machine['native_kernels'] else ''}; read bandwidth {bw} GB/s; matmul GFLOP/s "
         + ", ".join(f"{p}: {v}" for p, v in machine["matmul_gflops"].items()),
         "",
         f"{'precision':>9} {'load s':>7} {'RSS GB':>7} {'peak GB':>8} {'audio s':>7} {'RTF':>6} "

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
+from .cpu import cpu_kernels_wanted, use_cpu_kernels
 from .exceptions import CheckpointError
 from .model import Model
 from .quantize import (
@@ -24,6 +25,7 @@ from .quantize import (
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+_MATMUL_LAYERS = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
 _REPO_FILES = ["params.json", "tekken.json", "*.safetensors", "*.safetensors.index.json", "README.md"]
 
 
@@ -111,25 +113,24 @@ def _materialize(
     """Load weights group by group, evaluating each before the next so the peak stays low.
 
     A group is one encoder/decoder layer, the embedding, the adapter's projections, ...
-    ``dtype`` casts floating tensors (None keeps the stored dtype); ``float_dtype``, if set,
-    overrides it for parameters outside quantized layers (float32 activations on CPU).
-    With ``predicate`` (in-situ quantization) the layers it selects are quantized right
-    after their group is loaded, so float and quantized copies of the whole model never
-    coexist: the peak is about the final size plus one group.
+    ``dtype`` casts the matmul weights (Linear/Embedding weights and quantization scales and
+    biases; None keeps the stored dtype); ``float_dtype``, if set, is the dtype of every
+    other parameter (float32 on CPU, so that activations are float32). With ``predicate``
+    (in-situ quantization) the layers it selects are quantized right after their group is
+    loaded, so float and quantized copies of the whole model never coexist: the peak is
+    about the final size plus one group.
     """
-    # Paths of the layers to quantize. No reference to the float modules may outlive this
-    # block: it would keep every float weight alive until the end of loading.
-    quantized = set()
-    if predicate is not None:
-        leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-        quantized = {path for path, m in leaves if predicate(path, m)}
-        del leaves
+    # Paths of the matmul layers and of those to quantize. No reference to the float
+    # modules may outlive this block: it would keep every float weight alive until the end.
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+    matmuls = {path for path, m in leaves if isinstance(m, _MATMUL_LAYERS)}
+    quantized = {path for path, m in leaves if predicate is not None and predicate(path, m)}
+    del leaves
 
     def cast(name: str, w: mx.array) -> mx.array:
         module, _, leaf = name.rpartition(".")
-        # a quantized layer's weight (before quantization), scales and biases
-        quant = leaf in ("scales", "biases") or (leaf == "weight" and module in quantized)
-        target = dtype if quant or float_dtype is None else float_dtype
+        matmul = leaf in ("weight", "scales", "biases") and (module in matmuls or module in quantized)
+        target = dtype if matmul or float_dtype is None else float_dtype
         if target is None or not mx.issubdtype(w.dtype, mx.floating):
             return w
         return w.astype(target)
@@ -165,8 +166,10 @@ def load(
             (Mistral's native checkpoint, or one written by ``mlx_voxtral.convert``, quantized
             or not), or a Hugging Face repo id (downloaded and cached).
         dtype: dtype of the floating weights (and of quantization scales); ``None`` keeps the
-            checkpoint's. A quantized model on CPU keeps its unquantized parameters in
-            float32 by default, so that activations are float32 (see ``mlx_voxtral.quantize``).
+            checkpoint's for the matmul weights and, on CPU, makes every other parameter
+            float32 so that activations are float32 (MLX's half-precision CPU arithmetic is
+            slow and inexact; the CPU matmuls of ``mlx_voxtral.cpu`` read half-precision and
+            quantized weights directly).
         quantize: quantize while loading, layer by layer: 4 or 8 (decoder, encoder and
             embedding/LM head at that width, the adapter at 8 bits: the policy measured in
             ``mlx_voxtral.quantize``), or a dict such as ``{"decoder": 4, "encoder": 8,
@@ -203,11 +206,14 @@ def load(
         in_situ = class_predicate(config)
     weights = Model.sanitize(load_weights(path))
     _check_weights(model, weights)
-    float_dtype = None
-    if config is not None and dtype is None and mx.default_device().type == mx.DeviceType.cpu:
-        float_dtype = mx.float32
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    # On CPU, unless a dtype was asked for, everything but the matmul weights is float32 so
+    # that activations are float32 (MLX's CPU half-precision arithmetic is slow and inexact).
+    float_dtype = mx.float32 if on_cpu and dtype is None else None
     _materialize(model, weights, dtype, float_dtype, in_situ, progress)
     args.quantization = config
+    if on_cpu and cpu_kernels_wanted():
+        use_cpu_kernels(model)
     model.eval()
     model.tokenizer = tokenizer
     model.path = path

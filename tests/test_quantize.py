@@ -99,13 +99,13 @@ def test_policy_keeps_sensitive_layers_in_full_precision(quantized):
     assert isinstance(model.decoder.tok_embeddings, nn.QuantizedEmbedding)  # also the tied LM head
     assert model.decoder.tok_embeddings.bits == 4
     assert model.adapter.w_in.bits == model.adapter.w_out.bits == 8  # measured: sensitive
-    assert type(dec.ada_down) is nn.Linear and type(dec.ada_up) is nn.Linear
+    assert isinstance(dec.ada_down, nn.Linear) and isinstance(dec.ada_up, nn.Linear)  # not quantized
     assert "bias" in enc.attention.wo and enc.attention.wo.bias.dtype == mx.float32
-    # CPU: everything outside quantized layers in float32, so activations are float32;
-    # scales and biases keep the checkpoint's bf16
+    # CPU: matmul weights that stay unquantized and the scales/biases of quantized ones keep
+    # the checkpoint's bf16; everything else is float32, so activations are float32
     params = dict(tree_flatten(model.parameters()))
     for name, p in params.items():
-        if name.endswith((".scales", ".biases")):
+        if name.endswith((".scales", ".biases")) or name.endswith(("ada_down.weight", "ada_up.weight")):
             assert p.dtype == mx.bfloat16, name
         elif p.dtype != mx.uint32:
             assert p.dtype == mx.float32, name
@@ -116,10 +116,10 @@ def test_policy_keeps_sensitive_layers_in_full_precision(quantized):
     gs32 = mlx_voxtral.load(model.path, quantize=8, group_size=32)
     assert isinstance(gs32.encoder.layers[0].attention.wq, nn.QuantizedLinear)
     assert gs32.encoder.layers[0].attention.wq.group_size == 32
-    assert type(gs32.decoder.layers[0].ada_down) is nn.Linear
+    assert isinstance(gs32.decoder.layers[0].ada_down, nn.Linear)
     # wo's input (4 heads x 48 = 192) is not a multiple of 128: skipped, not an error
     gs128 = mlx_voxtral.load(model.path, quantize=8, group_size=128)
-    assert type(gs128.decoder.layers[0].attention.wo) is nn.Linear
+    assert isinstance(gs128.decoder.layers[0].attention.wo, nn.Linear)
     assert isinstance(gs128.decoder.layers[0].attention.wq, nn.QuantizedLinear)
 
 
@@ -148,8 +148,9 @@ def test_mixed_setting_loads_and_transcribes(tiny_checkpoint, baseline, audio, f
     model = mlx_voxtral.load(tiny_checkpoint, quantize={"decoder": 4, "encoder": 8}, group_size=32)
     assert model.decoder.layers[1].feed_forward.w1.bits == 4
     assert model.encoder.layers[1].attention.wq.bits == 8
-    assert type(model.decoder.tok_embeddings) is nn.Embedding  # parts not named stay full precision
-    assert type(model.adapter.w_in) is nn.Linear
+    # parts not named stay full precision
+    assert isinstance(model.decoder.tok_embeddings, nn.Embedding)
+    assert isinstance(model.adapter.w_in, nn.Linear)
     parts = {"decoder": 4, "encoder": 8, "embedding": None, "adapter": None}
     assert model.args.quantization["parts"] == parts
     assert _cos(_trace(model, audio, baseline.token_ids)["logits"], float_trace["logits"]) >= 0.95
@@ -375,7 +376,7 @@ def test_cli_converts(tiny_checkpoint, tmp_path, speech_5s):
     assert config["group_size"] == 32
     assert config["parts"] == {"decoder": 8, "encoder": 8, "embedding": 8, "adapter": None}
     model = mlx_voxtral.load(out)
-    assert type(model.adapter.w_in) is nn.Linear and model.encoder.layers[0].attention.wq.bits == 8
+    assert isinstance(model.adapter.w_in, nn.Linear) and model.encoder.layers[0].attention.wq.bits == 8
     assert mlx_voxtral.transcribe(model, speech_5s).finish_reason == "end_of_audio"
 
 

@@ -1,0 +1,349 @@
+/* Native CPU code for mlx_voxtral on Linux, compiled once with the system C compiler.
+ *
+ * 1. cblas_sgemm interposer: MLX's CPU backend calls cblas_sgemm for every fp32 matmul.
+ *    Loaded before the BLAS, this library takes the calls that BLAS (OpenBLAS 0.3.21)
+ *    handles badly -- a few rows times a large weight matrix, where it packs the whole
+ *    matrix -- and passes everything else through.
+ * 2. Matmuls for weights MLX's CPU backend multiplies slowly -- affine 4/8-bit quantized
+ *    (MLX's packing) and bfloat16 -- with float32 activations. A few rows (decoding) stream
+ *    the weights once on all cores (OpenMP), sharing each unpacked block across up to 4
+ *    rows; many rows convert the weights tile by tile and multiply tiles with the BLAS.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+typedef void (*sgemm_t)(int, int, int, int, int, int, float, const float*, int,
+                        const float*, int, float, float*, int);
+typedef void (*sgemv_t)(int, int, int, int, float, const float*, int, const float*, int,
+                        float, float*, int);
+static sgemm_t real_sgemm;
+static sgemv_t real_sgemv;
+
+int mlx_voxtral_blas_init(const char* library) {
+  void* handle = dlopen(library, RTLD_NOW | RTLD_GLOBAL);
+  if (!handle) return 1;
+  real_sgemm = (sgemm_t)dlsym(handle, "cblas_sgemm");
+  real_sgemv = (sgemv_t)dlsym(handle, "cblas_sgemv");
+  return (real_sgemm && real_sgemv) ? 0 : 2;
+}
+
+#ifdef _OPENMP
+#define FEW_ROWS 8
+#define K_BLOCK 512
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+#define INLINE static inline __attribute__((always_inline))
+INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, 32); return v; }
+INLINE float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* a * b + c. The file is compiled with -ffp-contract=off, so every row of a result gets the
+   same operations whatever other rows share the call (a stream's logits never depend on
+   its batch); fused multiply-adds are explicit where the CPU has them. */
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+INLINE v8 fma8(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+INLINE v8 fma8(v8 a, v8 b, v8 c) { return a * b + c; }
+#endif
+
+/* C = alpha A B^T + beta C for M <= FEW_ROWS rows: A [M, K], B [N, K] row-major. Each
+   thread streams its share of B's rows, 4 at a time, in K blocks that stay in L1 while
+   every pair of A rows is multiplied with them. Rows are computed independently, so a
+   row's result does not depend on the other rows. */
+static void few_rows_sgemm_nt(int M, int N, int K, float alpha, const float* A, int lda,
+                              const float* B, int ldb, float beta, float* C, int ldc) {
+  int K8 = K & ~7;
+  #pragma omp parallel for schedule(static)
+  for (int n0 = 0; n0 < N; n0 += 4) {
+    int nb = N - n0 < 4 ? N - n0 : 4;
+    v8 acc[FEW_ROWS + 1][4];
+    memset(acc, 0, sizeof(acc));
+    const float* b[4];
+    for (int j = 0; j < 4; j++) b[j] = B + (size_t)(n0 + (j < nb ? j : 0)) * ldb;
+    for (int k0 = 0; k0 < K8; k0 += K_BLOCK) {
+      int k1 = k0 + K_BLOCK < K8 ? k0 + K_BLOCK : K8;
+      for (int m0 = 0; m0 < M; m0 += 2) {
+        const float* a0p = A + (size_t)m0 * lda;
+        const float* a1p = A + (size_t)(m0 + 1 < M ? m0 + 1 : m0) * lda;
+        v8 c00 = acc[m0][0], c01 = acc[m0][1], c02 = acc[m0][2], c03 = acc[m0][3];
+        v8 c10 = acc[m0 + 1][0], c11 = acc[m0 + 1][1], c12 = acc[m0 + 1][2], c13 = acc[m0 + 1][3];
+        for (int k = k0; k < k1; k += 8) {
+          v8 b0 = load8(b[0] + k), b1 = load8(b[1] + k), b2 = load8(b[2] + k), b3 = load8(b[3] + k);
+          v8 a0 = load8(a0p + k), a1 = load8(a1p + k);
+          c00 = fma8(a0, b0, c00); c01 = fma8(a0, b1, c01); c02 = fma8(a0, b2, c02); c03 = fma8(a0, b3, c03);
+          c10 = fma8(a1, b0, c10); c11 = fma8(a1, b1, c11); c12 = fma8(a1, b2, c12); c13 = fma8(a1, b3, c13);
+        }
+        acc[m0][0] = c00; acc[m0][1] = c01; acc[m0][2] = c02; acc[m0][3] = c03;
+        acc[m0 + 1][0] = c10; acc[m0 + 1][1] = c11; acc[m0 + 1][2] = c12; acc[m0 + 1][3] = c13;
+      }
+    }
+    for (int i = 0; i < M; i++) {
+      const float* a = A + (size_t)i * lda;
+      for (int j = 0; j < nb; j++) {
+        float s = hsum(acc[i][j]);
+        for (int k = K8; k < K; k++) s += a[k] * b[j][k];
+        float* c = C + (size_t)i * ldc + n0 + j;
+        *c = alpha * s + (beta == 0.0f ? 0.0f : beta * *c);
+      }
+    }
+  }
+}
+
+/* ---- quantized (MLX affine layout): w [N, K * bits / 32] uint32, value j of a word at bits
+   [bits * j, bits * (j + 1)); scales/biases [N, K / G], w = scale * q + bias per group. ---- */
+#define Q(v, shift, mask) __builtin_convertvector((v8i)(((v) >> (shift)) & (mask)), v8)
+
+/* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining). xp holds x with
+   each block of 8 words' values reordered so one unpacked slot meets 8 contiguous x. */
+INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, int G,
+                     const float* xp, const float* xs, const uint32_t* row, const void* scales,
+                     const void* biases, int bf16, float* y) {
+  const int vpw = 32 / bits, blk = 8 * vpw;
+  int KG = K / G;
+  v8 tot[4] = {0}, acc[4];
+  float bias_dot[4] = {0};
+  for (int g = 0; g < KG; g++) {
+    for (int r = 0; r < R; r++) acc[r] = (v8){0};
+    for (int b = g * G; b < (g + 1) * G; b += blk) {
+      v8u v;
+      memcpy(&v, row + b / vpw, 32);
+      if (bits == 4) {
+        v8 q0 = Q(v, 0, 15u), q1 = Q(v, 4, 15u), q2 = Q(v, 8, 15u), q3 = Q(v, 12, 15u);
+        v8 q4 = Q(v, 16, 15u), q5 = Q(v, 20, 15u), q6 = Q(v, 24, 15u), q7 = Q(v, 28, 15u);
+        for (int r = 0; r < R; r++) {
+          const float* xb = xp + (size_t)(m0 + r) * K + b;
+          v8 a = fma8(q0, load8(xb), acc[r]);
+          a = fma8(q1, load8(xb + 8), a);
+          a = fma8(q2, load8(xb + 16), a);
+          a = fma8(q3, load8(xb + 24), a);
+          a = fma8(q4, load8(xb + 32), a);
+          a = fma8(q5, load8(xb + 40), a);
+          a = fma8(q6, load8(xb + 48), a);
+          acc[r] = fma8(q7, load8(xb + 56), a);
+        }
+      } else {
+        v8 q0 = Q(v, 0, 255u), q1 = Q(v, 8, 255u), q2 = Q(v, 16, 255u), q3 = Q(v, 24, 255u);
+        for (int r = 0; r < R; r++) {
+          const float* xb = xp + (size_t)(m0 + r) * K + b;
+          v8 a = fma8(q0, load8(xb), acc[r]);
+          a = fma8(q1, load8(xb + 8), a);
+          a = fma8(q2, load8(xb + 16), a);
+          acc[r] = fma8(q3, load8(xb + 24), a);
+        }
+      }
+    }
+    size_t i = (size_t)n * KG + g;
+    float s = bf16 ? bf16_to_f32(((const uint16_t*)scales)[i]) : ((const float*)scales)[i];
+    float bb = bf16 ? bf16_to_f32(((const uint16_t*)biases)[i]) : ((const float*)biases)[i];
+    v8 sv = (v8){0} + s;
+    for (int r = 0; r < R; r++) {
+      tot[r] = fma8(sv, acc[r], tot[r]);
+      bias_dot[r] += bb * xs[(size_t)(m0 + r) * KG + g];
+    }
+  }
+  for (int r = 0; r < R; r++) y[(size_t)(m0 + r) * N + n] = hsum(tot[r]) + bias_dot[r];
+}
+
+INLINE void qmv_bits(const int bits, int M, int N, int K, int G, const float* xp, const float* xs,
+                     const uint32_t* w, const void* scales, const void* biases, int bf16, float* y) {
+  int words = K / (32 / bits);
+  #pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++) {
+    const uint32_t* row = w + (size_t)n * words;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      switch (M - m0 < 4 ? M - m0 : 4) {
+        case 1: qmv_part(1, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
+        case 2: qmv_part(2, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
+        case 3: qmv_part(3, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
+        default: qmv_part(4, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
+      }
+    }
+  }
+}
+
+/* x with each block of 8 words' values reordered (value vpw * i + j of a block, word i slot j,
+   goes to j * 8 + i) so that one unpacked slot of 8 words meets 8 contiguous values. */
+static void permute_blocks(int M, int K, int bits, const float* x, float* xp) {
+  int vpw = 32 / bits, blk = 8 * vpw;
+  for (int m = 0; m < M; m++)
+    for (int b = 0; b < K; b += blk)
+      for (int i = 0; i < 8; i++)
+        for (int j = 0; j < vpw; j++) xp[(size_t)m * K + b + j * 8 + i] = x[(size_t)m * K + b + vpw * i + j];
+}
+
+/* Many rows: dequantize TILE weight rows at a time (all cores, in the permuted order, so
+   x is permuted the same way) into a buffer that stays in cache, and multiply it with the
+   BLAS. No full-size float copy of the weights is ever made. */
+#define TILE 512
+INLINE void dequantize_tile(const int bits, int n0, int nb, int K, int G, const uint32_t* w,
+                            const void* scales, const void* biases, int bf16, float* out) {
+  const int vpw = 32 / bits, blk = 8 * vpw;
+  int KG = K / G, words = K / vpw;
+  #pragma omp parallel for schedule(static)
+  for (int r = 0; r < nb; r++) {
+    const uint32_t* row = w + (size_t)(n0 + r) * words;
+    float* o = out + (size_t)r * K;
+    const uint16_t* s16 = (const uint16_t*)scales + (size_t)(n0 + r) * KG;
+    const uint16_t* c16 = (const uint16_t*)biases + (size_t)(n0 + r) * KG;
+    const float* s32 = (const float*)scales + (size_t)(n0 + r) * KG;
+    const float* c32 = (const float*)biases + (size_t)(n0 + r) * KG;
+    for (int g = 0; g < KG; g++) {
+      float s = bf16 ? bf16_to_f32(s16[g]) : s32[g];
+      float c = bf16 ? bf16_to_f32(c16[g]) : c32[g];
+      for (int b = g * G; b < (g + 1) * G; b += blk) {
+        v8u v;
+        memcpy(&v, row + b / vpw, 32);
+        float* ob = o + b;
+        if (bits == 4) {
+          v8 q0 = Q(v, 0, 15u) * s + c, q1 = Q(v, 4, 15u) * s + c, q2 = Q(v, 8, 15u) * s + c, q3 = Q(v, 12, 15u) * s + c;
+          v8 q4 = Q(v, 16, 15u) * s + c, q5 = Q(v, 20, 15u) * s + c, q6 = Q(v, 24, 15u) * s + c, q7 = Q(v, 28, 15u) * s + c;
+          memcpy(ob, &q0, 32); memcpy(ob + 8, &q1, 32); memcpy(ob + 16, &q2, 32); memcpy(ob + 24, &q3, 32);
+          memcpy(ob + 32, &q4, 32); memcpy(ob + 40, &q5, 32); memcpy(ob + 48, &q6, 32); memcpy(ob + 56, &q7, 32);
+        } else {
+          v8 q0 = Q(v, 0, 255u) * s + c, q1 = Q(v, 8, 255u) * s + c, q2 = Q(v, 16, 255u) * s + c, q3 = Q(v, 24, 255u) * s + c;
+          memcpy(ob, &q0, 32); memcpy(ob + 8, &q1, 32); memcpy(ob + 16, &q2, 32); memcpy(ob + 24, &q3, 32);
+        }
+      }
+    }
+  }
+}
+
+static void dequantize_matmul(int bits, int M, int N, int K, int G, const float* xp, const uint32_t* w,
+                              const void* scales, const void* biases, int bf16, float* tile, float* y) {
+  for (int n0 = 0; n0 < N; n0 += TILE) {
+    int nb = N - n0 < TILE ? N - n0 : TILE;
+    if (bits == 4) dequantize_tile(4, n0, nb, K, G, w, scales, biases, bf16, tile);
+    else dequantize_tile(8, n0, nb, K, G, w, scales, biases, bf16, tile);
+    real_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, xp, K, tile, K, 0.0f, y + n0, N);
+  }
+}
+
+/* y [M, N] = x [M, K] @ dequantize(w)^T; xp [M, K] and xs [M, K / G] are scratch. Rows go
+   through the few-row kernel FEW_ROWS at a time up to MANY_ROWS, then through tiles and the
+   BLAS. Returns nonzero for an unsupported format. */
+#define MANY_ROWS 64
+int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, float* xp, float* xs,
+                    const uint32_t* w, const void* scales, const void* biases, int bf16, float* y) {
+  int vpw = 32 / bits, blk = 8 * vpw, KG = K / G;
+  if ((bits != 4 && bits != 8) || K % G || G % blk) return 1;
+  permute_blocks(M, K, bits, x, xp);
+  if (M > MANY_ROWS) {
+    float* tile = malloc(sizeof(float) * (size_t)TILE * K);
+    if (!tile) return 2;
+    dequantize_matmul(bits, M, N, K, G, xp, w, scales, biases, bf16, tile, y);
+    free(tile);
+    return 0;
+  }
+  for (int m = 0; m < M; m++)
+    for (int g = 0; g < KG; g++) {
+      float s = 0;
+      for (int k = g * G; k < (g + 1) * G; k++) s += x[(size_t)m * K + k];
+      xs[(size_t)m * KG + g] = s;
+    }
+  for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
+    int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
+    /* the rows' outputs are columns [m0, m0 + mb) of y: compute into place via offsets */
+    if (bits == 4) qmv_bits(4, mb, N, K, G, xp + (size_t)m0 * K, xs + (size_t)m0 * KG, w, scales, biases, bf16, y + (size_t)m0 * N);
+    else qmv_bits(8, mb, N, K, G, xp + (size_t)m0 * K, xs + (size_t)m0 * KG, w, scales, biases, bf16, y + (size_t)m0 * N);
+  }
+  return 0;
+}
+
+/* ---- bfloat16 weights w [N, K] ---- */
+INLINE void bf16_part(const int R, int m0, int n, int N, int K, const float* x, const uint16_t* row, float* y) {
+  int K8 = K & ~7;
+  v8 acc[4] = {0};
+  for (int k = 0; k < K8; k += 8) {
+    v8h h;
+    memcpy(&h, row + k, 16);
+    v8u u = __builtin_convertvector(h, v8u) << 16;
+    v8 wv;
+    memcpy(&wv, &u, 32);
+    for (int r = 0; r < R; r++) acc[r] = fma8(wv, load8(x + (size_t)(m0 + r) * K + k), acc[r]);
+  }
+  for (int r = 0; r < R; r++) {
+    float s = hsum(acc[r]);
+    for (int k = K8; k < K; k++) s += x[(size_t)(m0 + r) * K + k] * bf16_to_f32(row[k]);
+    y[(size_t)(m0 + r) * N + n] = s;
+  }
+}
+
+/* y [M, N] = x [M, K] @ w^T for bfloat16 w [N, K]: the few-row kernel FEW_ROWS rows at a
+   time up to MANY_ROWS, then float32 tiles and the BLAS. */
+int mlx_voxtral_bf16mm(int M, int N, int K, const float* x, const uint16_t* w, float* y) {
+  if (M > MANY_ROWS) {
+    float* tile = malloc(sizeof(float) * (size_t)TILE * K);
+    if (!tile) return 2;
+    int K8 = K & ~7;
+    for (int n0 = 0; n0 < N; n0 += TILE) {
+      int nb = N - n0 < TILE ? N - n0 : TILE;
+      #pragma omp parallel for schedule(static)
+      for (int r = 0; r < nb; r++) {
+        const uint16_t* src = w + (size_t)(n0 + r) * K;
+        float* dst = tile + (size_t)r * K;
+        for (int k = 0; k < K8; k += 8) {
+          v8h h;
+          memcpy(&h, src + k, 16);
+          v8u u = __builtin_convertvector(h, v8u) << 16;
+          memcpy(dst + k, &u, 32);
+        }
+        for (int k = K8; k < K; k++) dst[k] = bf16_to_f32(src[k]);
+      }
+      real_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, x, K, tile, K, 0.0f, y + n0, N);
+    }
+    free(tile);
+    return 0;
+  }
+  for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
+    int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
+    const float* xm = x + (size_t)m0 * K;
+    float* ym = y + (size_t)m0 * N;
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+      const uint16_t* row = w + (size_t)n * K;
+      for (int r0 = 0; r0 < mb; r0 += 4) {
+        switch (mb - r0 < 4 ? mb - r0 : 4) {
+          case 1: bf16_part(1, r0, n, N, K, xm, row, ym); break;
+          case 2: bf16_part(2, r0, n, N, K, xm, row, ym); break;
+          case 3: bf16_part(3, r0, n, N, K, xm, row, ym); break;
+          default: bf16_part(4, r0, n, N, K, xm, row, ym); break;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+int mlx_voxtral_kernels(void) { return 1; }
+#else
+int mlx_voxtral_kernels(void) { return 0; }
+#endif
+
+void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
+                 const float* A, int lda, const float* B, int ldb, float beta,
+                 float* C, int ldc) {
+  if (order == RowMajor) {
+#ifdef _OPENMP
+    if (M <= FEW_ROWS && ta == NoTrans && tb == Trans) {  /* x @ W.T with W [N, K] */
+      few_rows_sgemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
+#endif
+    if (M == 1) {  /* C[1, N] = alpha op(A) op(B) + beta C as one sgemv over B */
+      int incx = ta == NoTrans ? 1 : lda;
+      if (tb == NoTrans)  /* B is [K, N]: y = B^T x */
+        real_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, incx, beta, C, 1);
+      else                /* B is [N, K]: y = B x */
+        real_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, incx, beta, C, 1);
+      return;
+    }
+  }
+  real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}

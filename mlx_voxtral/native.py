@@ -1,0 +1,200 @@
+"""Fast CPU paths for MLX on Linux: an optimised BLAS and a few native kernels.
+
+MLX's Linux CPU wheel links the reference BLAS, and its own bfloat16 and quantized CPU
+matmuls are scalar loops. Measured on a 2-core x86-64 machine (3072 x 9216 weights):
+
+==========================  ==========  ============================
+one row times the weights   MLX alone   with this module
+==========================  ==========  ============================
+float32                     20-39 ms    6-8 ms (OpenBLAS sgemv)
+bfloat16                    34-50 ms    3.2 ms (native kernel)
+8-bit (group 64)            32 ms       2.8 ms (native kernel)
+4-bit (group 64)            26-32 ms    1.9 ms (native kernel)
+float32 matmul, 1024 rows   5 GFLOP/s   ~130 GFLOP/s (OpenBLAS)
+==========================  ==========  ============================
+
+What it does, before ``mlx.core`` is imported (symbols bind at load time):
+
+1. Loads the system's OpenBLAS (or BLIS/MKL) with ``RTLD_GLOBAL`` so MLX's ``cblas_*`` calls
+   resolve to it.
+2. Compiles ``native.c`` once with the system C compiler (cached under
+   ``~/.cache/mlx_voxtral``, keyed by source and CPU) and loads it in front of the BLAS: its
+   ``cblas_sgemm`` takes the few-row products OpenBLAS handles badly (it packs the whole
+   weight matrix) and passes everything else on. It also holds few-row kernels for bfloat16
+   and 4/8-bit weights that ``mlx_voxtral.cpu`` uses while decoding.
+
+``MLX_VOXTRAL_SYSTEM_BLAS=0`` turns everything off (or names the BLAS library to use);
+``MLX_VOXTRAL_NATIVE=0`` keeps the BLAS but skips the compiled library. Nothing is done on
+macOS, where MLX uses Accelerate and Metal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+_CANDIDATES = [
+    "libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "libblis.so.4",
+    "libmkl_rt.so.2",
+]
+_SOURCE = Path(__file__).with_name("native.c")
+
+FEW_ROWS = 8  # the native kernels' row limit (FEW_ROWS in native.c)
+
+loaded: Optional[str] = None  # the BLAS in use, if any
+library: Optional[str] = None  # the compiled native library in use, if any
+_lib: Optional[ctypes.CDLL] = None
+
+
+def _off(value: str) -> bool:
+    return value.lower() in ("0", "false", "off", "no")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlx_voxtral"
+
+
+def _cpu_id() -> str:
+    """What the library is tuned for (it is built with -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        return ""
+
+
+def _build() -> Optional[Path]:
+    """Compile native.c once per source and CPU (cached); None without a C compiler."""
+    source = _SOURCE.read_text()
+    digest = hashlib.sha256((source + _cpu_id()).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"native-{digest}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # OpenMP gives the kernels their threads; without it only the sgemv forwarding is built.
+    for flags in (["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], ["-O2", "-ffp-contract=off"]):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "native.so"
+            try:
+                subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(_SOURCE), "-ldl"],
+                               check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            os.replace(out, target)  # atomic: concurrent first runs never see half a file
+            return target
+    return None
+
+
+def _find_blas(choice: str) -> Optional[str]:
+    """The first loadable BLAS (probed locally: global symbols come later, in order)."""
+    candidates = [choice] if choice.lower() not in ("1", "true", "on", "yes") else []
+    found = ctypes.util.find_library("openblas")
+    for name in candidates + _CANDIDATES + ([found] if found else []):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL)
+        except OSError:
+            continue
+        return name
+    return None
+
+
+def use_system_blas() -> Optional[str]:
+    """Load the optimised BLAS and the native library globally; return the BLAS name or None."""
+    global loaded, library, _lib
+    choice = os.environ.get("MLX_VOXTRAL_SYSTEM_BLAS", "1")
+    if loaded or not sys.platform.startswith("linux") or _off(choice):
+        return loaded
+    if "mlx.core" in sys.modules:
+        warnings.warn(
+            "mlx was imported before mlx_voxtral, so the system BLAS could not be put in front "
+            "of MLX's reference BLAS (CPU matmuls will be slow). Import mlx_voxtral first.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    name = _find_blas(choice)
+    if name is None:
+        return None
+    # The native library goes first in the global scope so that its cblas_sgemm wins; it
+    # then loads the BLAS globally itself (providing every other cblas_* symbol).
+    path = None if _off(os.environ.get("MLX_VOXTRAL_NATIVE", "1")) else _build()
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            if lib.mlx_voxtral_blas_init(name.encode()) == 0:
+                library, _lib = str(path), lib
+        except OSError:
+            pass
+    ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    loaded = name
+    return loaded
+
+
+def kernels_available() -> bool:
+    """True when the few-row bfloat16 / quantized kernels are compiled and loaded."""
+    return _lib is not None and bool(_lib.mlx_voxtral_kernels())
+
+
+def _pointer(array) -> ctypes.c_void_p:
+    """Address of an evaluated, row-contiguous MLX array's data (any dtype, no copy)."""
+    return ctypes.c_void_p(np.frombuffer(memoryview(array).cast("B"), np.uint8).ctypes.data)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def bf16_matmul(x: np.ndarray, weight) -> np.ndarray:
+    """``x @ weight.T`` for float32 rows ``x`` [M, K] and a bfloat16 MLX ``weight`` [N, K]."""
+    x = _rows(x)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = np.empty((m, n), np.float32)
+    status = _lib.mlx_voxtral_bf16mm(m, n, k, x.ctypes.data_as(ctypes.c_void_p), _pointer(weight),
+                                     y.ctypes.data_as(ctypes.c_void_p))
+    if status:
+        raise MemoryError("no memory for a weight tile")
+    return y
+
+
+def quantized_matmul(x: np.ndarray, weight, scales, biases, group_size: int, bits: int) -> np.ndarray:
+    """``x @ dequantize(weight).T`` for float32 rows ``x`` [M, K] and MLX's affine quantized
+    ``weight``/``scales``/``biases`` (scales and biases bfloat16 or float32)."""
+    x = _rows(x)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = np.empty((m, n), np.float32)
+    xp = np.empty_like(x)
+    xs = np.empty((m, k // group_size), np.float32)
+    is_bf16 = int(scales.itemsize == 2)
+    status = _lib.mlx_voxtral_qmm(
+        m, n, k, group_size, bits, x.ctypes.data_as(ctypes.c_void_p), xp.ctypes.data_as(ctypes.c_void_p),
+        xs.ctypes.data_as(ctypes.c_void_p), _pointer(weight), _pointer(scales), _pointer(biases), is_bf16,
+        y.ctypes.data_as(ctypes.c_void_p),
+    )
+    if status:
+        raise ValueError(f"no native kernel for {bits}-bit weights with group size {group_size}")
+    return y
+
+
+def quantized_supported(group_size: int, bits: int) -> bool:
+    """Whether the native kernels handle this format (bits 4/8, groups of whole blocks)."""
+    return bits in (4, 8) and group_size % (8 * (32 // bits)) == 0

@@ -1,0 +1,115 @@
+"""The native CPU code: BLAS interposer and bfloat16 / quantized kernels, against MLX."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_voxtral
+from mlx_voxtral import native
+
+pytestmark = pytest.mark.skipif(
+    not native.kernels_available(), reason="native kernels not built (no C compiler/OpenMP, or not Linux)"
+)
+
+ROWS = [1, 3, 8, 9, 64, 65, 200]
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k", [256, 136])  # 136: not a multiple of 8 (scalar tail)
+def test_bf16_matmul(rows, k):
+    w = (mx.random.normal((300, k), key=mx.random.key(k)) * 0.05).astype(mx.bfloat16)
+    mx.eval(w)
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ np.array(w.astype(mx.float32)).astype(np.float64).T
+    assert _rel(native.bf16_matmul(x, w), ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (8, 32), (8, 64), (8, 128)])
+@pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float32])
+def test_quantized_matmul(rows, bits, group_size, scale_dtype):
+    w = mx.random.normal((260, 512), key=mx.random.key(bits)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    scales, biases = scales.astype(scale_dtype), biases.astype(scale_dtype)
+    mx.eval(wq, scales, biases)
+    x = np.random.default_rng(rows).standard_normal((rows, 512)).astype(np.float32)
+    deq = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits)
+    ref = x.astype(np.float64) @ np.array(deq).astype(np.float64).T
+    assert native.quantized_supported(group_size, bits)
+    assert _rel(native.quantized_matmul(x, wq, scales, biases, group_size, bits), ref) < 1e-5
+
+
+def test_unsupported_group_is_reported():
+    assert not native.quantized_supported(32, 4)  # a group smaller than one 8-word block
+
+
+def test_rows_do_not_depend_on_their_batch():
+    """A stream's logits must not change with the other streams in its batch: each row of
+    the few-row kernels (and of the sgemm interposer) is computed independently."""
+    w = (mx.random.normal((512, 384)) * 0.05).astype(mx.bfloat16)
+    wq = mx.quantize(w.astype(mx.float32), group_size=64, bits=4)
+    wf = w.astype(mx.float32)
+    mx.eval(w, wq, wf)
+    x = np.random.default_rng(0).standard_normal((7, 384)).astype(np.float32)
+    for row in range(7):
+        alone = x[row : row + 1]
+        assert np.array_equal(native.bf16_matmul(x, w)[row], native.bf16_matmul(alone, w)[0])
+        assert np.array_equal(native.quantized_matmul(x, *wq, 64, 4)[row], native.quantized_matmul(alone, *wq, 64, 4)[0])
+        assert np.array_equal(np.array(mx.array(x) @ wf.T)[row], np.array(mx.array(alone) @ wf.T)[0])
+
+
+@pytest.mark.parametrize("shape", [(1, 3072, 2000), (5, 700, 300), (8, 64, 4096), (40, 128, 96)])
+def test_blas_interposer(shape):
+    """float32 matmuls through MLX (few rows: native kernel / sgemv; else the BLAS)."""
+    m, k, n = shape
+    a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    b = np.random.default_rng(2).standard_normal((n, k)).astype(np.float32)
+    ref = a.astype(np.float64) @ b.astype(np.float64).T
+    got = np.array(mx.array(a) @ mx.array(b).T)
+    assert _rel(got, ref) < 1e-5
+    got_nn = np.array(mx.array(a) @ mx.array(np.ascontiguousarray(b.T)))  # weights as [K, N]
+    assert _rel(got_nn, ref) < 1e-5
+    got_t = np.array(mx.array(np.ascontiguousarray(a.T)).T @ mx.array(b).T)  # transposed rows
+    assert _rel(got_t, ref) < 1e-5
+
+
+def test_cpu_layers_match_plain_mlx(tiny_checkpoint, speech_5s):
+    """The default CPU model (bf16 weights through the native kernels, float32 activations)
+    gives the tokens MLX's own kernels give for the same weights."""
+    code = (
+        "import sys, mlx_voxtral, mlx.nn as nn\n"
+        "m = mlx_voxtral.load(sys.argv[1])\n"
+        "kinds = {type(m.decoder.layers[0].attention.wq).__name__, type(m.decoder.tok_embeddings).__name__}\n"
+        "print(sorted(kinds), mlx_voxtral.transcribe(m, sys.argv[2]).token_ids)\n"
+    )
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint), str(speech_5s)],
+                             env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        kinds, ids = out.stdout.split("] ", 1)
+        return kinds + "]", ids
+
+    fast_kinds, fast = run()
+    plain_kinds, plain = run(MLX_VOXTRAL_CPU_KERNELS="0")
+    assert fast_kinds == "['CPUEmbedding', 'CPULinear']"
+    assert plain_kinds == "['Embedding', 'Linear']"
+    assert fast == plain
+
+
+def test_quantized_model_uses_cpu_layers(tiny_checkpoint, speech_5s):
+    model = mlx_voxtral.load(tiny_checkpoint, quantize=4)
+    from mlx_voxtral.cpu import CPUQuantizedEmbedding, CPUQuantizedLinear
+
+    assert isinstance(model.decoder.layers[0].feed_forward.w1, CPUQuantizedLinear)
+    assert isinstance(model.decoder.tok_embeddings, CPUQuantizedEmbedding)
+    assert mlx_voxtral.transcribe(model, speech_5s).text
