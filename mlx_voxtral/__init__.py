@@ -33,10 +33,17 @@ from .generate import (  # noqa: E402
 )
 from .timestamps import Segment, Word  # noqa: E402
 from .loader import load  # noqa: E402
+from .chat import ChatCompletionRequest  # noqa: E402
+from .runner import MultimodalArchitecture, Runner, VisionArchitecture, Which  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Runner",
+    "Which",
+    "ChatCompletionRequest",
+    "VisionArchitecture",
+    "MultimodalArchitecture",
     "load",
     "convert",
     "transcribe",

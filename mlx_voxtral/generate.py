@@ -58,6 +58,7 @@ class Transcription:
     delay_ms: int
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS), "end_of_audio" or "length" (max_tokens reached)
+    text_tokens: int = 0  # generated text tokens (what max_tokens counts)
     words: list[Word] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     resets: int = 0
@@ -227,6 +228,7 @@ def _result(session: Session, timings: Timings) -> Transcription:
         delay_ms=session.delay_ms,
         prompt_tokens=len(session.stream.prompt),
         finish_reason=session.finish_reason or "end_of_audio",
+        text_tokens=session.n_text,
         words=list(session.words),
         segments=session.segments,
         resets=session.resets,

@@ -44,16 +44,21 @@ def to_json(result) -> str:
     return json.dumps(to_dict(result), ensure_ascii=False, indent=2) + "\n"
 
 
+def cue_text(text: str) -> str:
+    """Segment text made safe for a subtitle cue: one line, no blank line, no ``-->``."""
+    return " ".join(text.split()).replace("-->", "->")
+
+
 def to_srt(segments: list[Segment]) -> str:
     blocks = [
-        f"{i}\n{format_timestamp(s.start, ',')} --> {format_timestamp(s.end, ',')}\n{s.text}\n"
+        f"{i}\n{format_timestamp(s.start, ',')} --> {format_timestamp(s.end, ',')}\n{cue_text(s.text)}\n"
         for i, s in enumerate(segments, start=1)
     ]
     return "\n".join(blocks)
 
 
 def to_vtt(segments: list[Segment]) -> str:
-    blocks = [f"{format_timestamp(s.start)} --> {format_timestamp(s.end)}\n{s.text}\n" for s in segments]
+    blocks = [f"{format_timestamp(s.start)} --> {format_timestamp(s.end)}\n{cue_text(s.text)}\n" for s in segments]
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 

@@ -190,7 +190,7 @@ def tensor_shapes(params: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
+def random_tensor(name: str, shape: tuple[int, ...], key: mx.array, logit_scale: float = 1.0) -> mx.array:
     """A random tensor scaled so the random model's output is decisive and audio-driven.
 
     * Matrices have zero-mean rows: a random network otherwise turns the large
@@ -200,11 +200,14 @@ def random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:
     * Token embeddings are small (std 0.5 / sqrt(dim)) next to the adapter output: with a
       tied LM head a large input embedding makes the model copy its previous token.
       Logits then have a standard deviation of about 0.5 and a clear argmax.
+      ``logit_scale`` multiplies the decoder's final norm (so the logits): a large one
+      makes sampling at a low temperature pick the argmax, as a trained model's would.
     * EOS is damped (a random model would otherwise stop early at random);
       [STREAMING_PAD]/[STREAMING_WORD] are boosted so they appear, as in real output.
     """
     if name.endswith("norm.weight"):
-        return 1.0 + 0.1 * mx.random.normal(shape, key=key)
+        w = 1.0 + 0.1 * mx.random.normal(shape, key=key)
+        return logit_scale * w if name == "norm.weight" else w
     if name.endswith(".bias"):
         return 0.02 * mx.random.normal(shape, key=key)
     if name.endswith("tok_embeddings.weight"):
@@ -244,6 +247,7 @@ def write_checkpoint(
     decoder_window: int | None = None,
     vocab_size: int | None = None,
     max_length: int | None = None,
+    logit_scale: float = 1.0,
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +256,7 @@ def write_checkpoint(
     tensors = {}
     for i, (name, shape) in enumerate(tensor_shapes(params).items()):
         key = mx.random.key(seed * 1_000_003 + i)
-        tensors[name] = random_tensor(name, shape, key).astype(dt)
+        tensors[name] = random_tensor(name, shape, key, logit_scale).astype(dt)
         mx.eval(tensors[name])
     mx.save_safetensors(str(out / "consolidated.safetensors"), tensors, metadata={"format": "pt"})
     (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
@@ -273,9 +277,11 @@ def main() -> None:
                         help="override the vocabulary size (a small one makes decoding fast)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="override model_max_length (tests of the position limit)")
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="scale the logits (a large one makes low-temperature sampling greedy)")
     args = parser.parse_args()
     path = write_checkpoint(args.out, args.preset, args.seed, args.dtype, args.decoder_window,
-                            args.vocab_size, args.max_length)
+                            args.vocab_size, args.max_length, args.logit_scale)
     print(f"wrote {args.preset} random checkpoint to {path}")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_voxtral.session import Session
 from mlx_voxtral.timestamps import Segment, Word, WordTracker, segments_from_words, token_start
-from mlx_voxtral.writers import format_timestamp, render
+from mlx_voxtral.writers import format_timestamp, render, to_srt, to_vtt
 
 
 @pytest.mark.parametrize("delay_ms", [80, 480, 2400])
@@ -97,3 +97,13 @@ def test_writers():
     assert all(re.match(r"\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}\n", c) for c in cues if c)
     with pytest.raises(ValueError, match="unknown format"):
         render(r, "docx")
+
+
+def test_cue_text_stays_one_line():
+    """Decoded text may hold newlines (or "-->"): a cue must not, or the file breaks."""
+    seg = Segment("one\n\ntwo --> three\r\n", 1.0, 2.0, [])
+    for fmt, to in (("srt", to_srt), ("vtt", to_vtt)):
+        out = to([seg])
+        cue = out.split("\n\n")[-1] if fmt == "vtt" else out
+        assert cue.strip().split("\n")[-1] == "one two -> three"
+        assert out.count("-->") == 1
