@@ -41,7 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 16000
 
 # (dtype, quantize bits) per precision name
-PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "8": (None, 8), "4": (None, 4)}
+# precision -> (load dtype, quantize bits). "bf16" loads the stored bf16 weights as they are
+# (dtype None: on CPU that computes in float32, the loader's default and fastest path);
+# "stored" loads any folder as it is (a converted, pre-quantized one included).
+PRECISIONS = {"fp32": ("float32", None), "bf16": (None, None), "8": (None, 8), "4": (None, 4),
+              "stored": (None, None)}
 BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "8": 1.0625, "4": 0.5625}  # q: + scales/biases (g=64)
 
 SENTENCES = (
@@ -111,24 +115,29 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     return best
 
 
-def matmul_throughput(precision: str, m: int = 1024, k: int = 2048, n: int = 2048) -> float:
-    """GFLOP/s of ``x @ W.T`` for a precision (quantized: fp32 activations, group size 64)."""
+def matmul_throughput(precision: str, m: int = 1024, k: int = 3072, n: int = 3072) -> float:
+    """GFLOP/s of ``x @ W.T`` with float32 ``x`` and the precision's weights, through the
+    same layers the model uses (on Linux CPU: mlx_voxtral's kernels over the BLAS)."""
     import mlx.core as mx
+    import mlx.nn as nn
 
-    dtype = mx.bfloat16 if precision == "bf16" else mx.float32
-    x = mx.random.normal((m, k)).astype(dtype)
-    w = mx.random.normal((n, k))
+    from .cpu import cpu_kernels_wanted, use_cpu_kernels
+
+    layer = nn.Linear(k, n, bias=False)
     if precision in ("8", "4"):
-        q = mx.quantize(w, group_size=64, bits=int(precision))
-        f = lambda: mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=int(precision))  # noqa: E731
-    else:
-        w = w.astype(dtype)
-        f = lambda: x @ w.T  # noqa: E731
-    mx.eval(f())
+        nn.quantize(layer, group_size=64, bits=int(precision))
+    elif precision in ("bf16", "stored"):
+        layer.weight = layer.weight.astype(mx.bfloat16)
+    if cpu_kernels_wanted():
+        holder = nn.Sequential(layer)
+        use_cpu_kernels(holder)
+        layer = holder.layers[0]
+    x = mx.random.normal((m, k))
+    mx.eval(layer(x))
     t0 = time.perf_counter()
     reps = 0
     while time.perf_counter() - t0 < 1.0:
-        mx.eval(f())
+        mx.eval(layer(x))
         reps += 1
     return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
@@ -142,12 +151,21 @@ def measure_machine(precisions: list[str]) -> dict:
         "blas": native.loaded,
         "native_kernels": native.kernels_available(),
         "memory_bandwidth_gbs": round(memory_bandwidth(), 2),
-        "matmul_gflops": {p: round(matmul_throughput(p), 1) for p in precisions},
+        # fp32 (the BLAS) is the bound: every precision computes in float32 on CPU
+        "matmul_gflops": {p: round(matmul_throughput(p), 1) for p in dict.fromkeys(["fp32", *precisions])},
     }
 
 
 # ---------------------------------------------------------------------------------------
 # model costs (what the bounds are computed from)
+
+
+def bytes_per_weight(params: dict, precision: str) -> float:
+    """Storage of one matmul weight (quantized: with its group's bf16 scale and bias)."""
+    if precision != "stored":
+        return BYTES_PER_WEIGHT[precision]
+    q = params.get("quantization")
+    return q["bits"] / 8 + 4 / q["group_size"] if q else 2.0
 
 
 def model_costs(params: dict, precision: str) -> dict:
@@ -168,7 +186,7 @@ def model_costs(params: dict, precision: str) -> dict:
     adapter = 2 * (e.dim * a.downsample_factor * a.dim + a.dim * a.dim) / a.downsample_factor
     encoder_flops = frames_per_s * (2 * e.n_layers * enc_layer + e.n_layers * attention + conv + adapter)
     return {
-        "decode_step_bytes": step_weights * BYTES_PER_WEIGHT[precision],
+        "decode_step_bytes": step_weights * bytes_per_weight(params, precision),
         "encoder_flops_per_audio_s": encoder_flops,
     }
 
@@ -194,7 +212,10 @@ def _peak_rss() -> int:
 class Result:
     precision: str
     load_s: float = 0.0
+    rss_before_load_gb: float = 0.0  # interpreter, MLX and the tokenizer library
     rss_after_load_gb: float = 0.0
+    weights_gb: float = 0.0  # after - before: what the loaded model occupies
+    peak_load_rss_gb: float = 0.0
     peak_rss_gb: float = 0.0
     offline: dict = field(default_factory=dict)
     streaming: dict = field(default_factory=dict)
@@ -290,6 +311,9 @@ def run_worker(spec: dict) -> dict:
 
     dtype_name, bits = PRECISIONS[spec["precision"]]
     result = Result(spec["precision"])
+    from . import tokenizer  # noqa: F401  (mistral-common: counted before the model)
+
+    result.rss_before_load_gb = round(_rss() / 1e9, 3)
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"dtype": getattr(mx, dtype_name) if dtype_name else None}
     if bits:
@@ -297,6 +321,8 @@ def run_worker(spec: dict) -> dict:
     model = load(spec["model"], **kwargs)
     result.load_s = round(time.perf_counter() - t0, 2)
     result.rss_after_load_gb = round(_rss() / 1e9, 3)
+    result.weights_gb = round(result.rss_after_load_gb - result.rss_before_load_gb, 3)
+    result.peak_load_rss_gb = round(_peak_rss() / 1e9, 3)
     lengths = spec["lengths"]
     audio = {s: speech(s, spec.get("audio")) for s in lengths}
     modes = spec["modes"]
@@ -399,12 +425,33 @@ def _fmt(x: Any, spec: str = "") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def report(machine: dict, results: list[dict], peers: list[dict], params: dict) -> str:
+def bf16_bytes(path: Path) -> Optional[int]:
+    """The size of the model in bf16 (2 bytes per parameter), for a folder not quantized."""
+    import mlx.core as mx
+
+    params = json.loads((path / "params.json").read_text())
+    if params.get("quantization"):
+        return None
+    return 2 * sum(a.size for f in path.glob("*.safetensors") for a in mx.load(str(f)).values())
+
+
+def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
+           bf16_size: Optional[int] = None) -> str:
     bw = machine["memory_bandwidth_gbs"]
     lines = [
         f"machine: {machine['platform']}, {machine['cpus']} cpus, BLAS {machine['blas']}"
         f"{' + native kernels' if machine['native_kernels'] else ''}; read bandwidth {bw} GB/s; matmul GFLOP/s "
         + ", ".join(f"{p}: {v}" for p, v in machine["matmul_gflops"].items()),
+        "",
+        "load: resident GB after loading (the process), of which the weights (x the bf16 size), "
+        "peak GB while loading",
+    ]
+    for r in results:
+        if not r.get("error"):
+            ratio = f" ({r['weights_gb'] * 1e9 / bf16_size:.3f}x bf16)" if bf16_size else ""
+            lines.append(f"{r['precision']:>9} load {r['load_s']} s: RSS {r['rss_after_load_gb']} GB, "
+                         f"weights {r['weights_gb']} GB{ratio}, peak {r['peak_load_rss_gb']} GB")
+    lines += [
         "",
         f"{'precision':>9} {'load s':>7} {'RSS GB':>7} {'peak GB':>8} {'audio s':>7} {'RTF':>6} "
         f"{'enc s/s':>8} {'(bound)':>8} {'prefill t/s':>11} {'ms/token':>9} {'(bound)':>8}",
@@ -415,7 +462,7 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict) 
             continue
         costs = model_costs(params, r["precision"])
         decode_bound = 1000 * costs["decode_step_bytes"] / (bw * 1e9)
-        gflops = machine["matmul_gflops"].get(r["precision"])
+        gflops = max(machine["matmul_gflops"].values())
         enc_bound = costs["encoder_flops_per_audio_s"] / (gflops * 1e9) if gflops else None
         for length, o in r["offline"].items():
             lines.append(
@@ -481,8 +528,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     src.add_argument("--random", choices=["tiny", "full"], help="a cached random-weight checkpoint")
     parser.add_argument("--audio", help="speech file (default: espeak-ng sentences)")
     parser.add_argument("--lengths", default="60", help="audio lengths in seconds, comma separated")
-    parser.add_argument("--precisions", default="fp32,bf16,8,4", help="of fp32, bf16, 8, 4")
-    parser.add_argument("--modes", default="offline,streaming,concurrent")
+    parser.add_argument("--precisions", default="fp32,bf16,8,4",
+                        help="of fp32, bf16, 8, 4, stored (the folder as it is, e.g. converted)")
+    parser.add_argument("--modes", default="offline,streaming,concurrent",
+                        help="of offline, streaming, concurrent; \"load\" alone measures loading only")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
     parser.add_argument("--peers", default="", help="comma list of voxmlx,mlx-audio,mistral.rs,transformers or 'all'")
     parser.add_argument("--peer-python", default=sys.executable, help="interpreter that has the peers installed")
@@ -532,10 +581,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"benchmarking peer {name} ...", file=sys.stderr)
                 peers.append(run_peer(name, str(path), wav, seconds, args.peer_python, args.peer_timeout,
                                       args.mistralrs_isq))
-    print(report(machine, results, peers, params))
+    bf16_size = bf16_bytes(path)
+    print(report(machine, results, peers, params, bf16_size))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model, "machine": machine, "results": results,
-                                               "peers": peers}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": model, "bf16_bytes": bf16_size, "machine": machine,
+                                               "results": results, "peers": peers}, indent=2))
     if args.plot:
         plot(results, args.plot)
     return 0

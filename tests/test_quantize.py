@@ -310,7 +310,7 @@ def test_load_progress(tiny_checkpoint):
 
 def test_in_situ_quantization_holds_no_float_copies(tiny_checkpoint):
     """Between groups, MLX holds only what the model keeps: float weights of layers already
-    quantized are gone (the full-size peak figure is benchmarks/bench_memory.py's)."""
+    quantized are gone (the full-size peak figure is benchmarks/bench.py --modes load)."""
     gc.collect()
     before = mx.get_active_memory()
     held = []
