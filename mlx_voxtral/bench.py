@@ -558,6 +558,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for p in precisions:
         if p not in PRECISIONS:
             parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    names = list(_PEER_CODE) if args.peers == "all" else [n for n in args.peers.split(",") if n]
+    for name in names:
+        if name not in _PEER_CODE:
+            parser.error(f"unknown peer {name!r}; choose from {', '.join(_PEER_CODE)} or 'all'")
     machine = measure_machine(precisions)
     results = []
     for p in precisions:
@@ -567,7 +571,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = _in_subprocess(["-m", "mlx_voxtral.bench", "--worker", json.dumps(spec)], None)
         results.append(out if "precision" in out else {"precision": p, **out})
     peers = []
-    names = list(_PEER_CODE) if args.peers == "all" else [n for n in args.peers.split(",") if n]
     if names:
         seconds = max(lengths)
         with tempfile.TemporaryDirectory() as tmp:
@@ -576,8 +579,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             wav = os.path.join(tmp, "speech.wav")
             sf.write(wav, speech(seconds, args.audio), SAMPLE_RATE)
             for name in names:
-                if name not in _PEER_CODE:
-                    parser.error(f"unknown peer {name!r}")
                 print(f"benchmarking peer {name} ...", file=sys.stderr)
                 peers.append(run_peer(name, str(path), wav, seconds, args.peer_python, args.peer_timeout,
                                       args.mistralrs_isq))
