@@ -52,6 +52,10 @@ class RequestTimeoutError(VoxtralError):
     """A job ran past the engine's ``request_timeout``."""
 
 
+class JobCancelledError(VoxtralError):
+    """The job was cancelled (its client went away)."""
+
+
 class EngineClosedError(VoxtralError):
     """The engine was shut down."""
 
@@ -123,9 +127,13 @@ class Job:
         self.engine._wake()
 
     def cancel(self) -> None:
-        """Stop the job (the client went away); the engine drops it at its next step."""
+        """Stop the job (the client went away); the engine drops it at its next step.
+
+        Whoever still waits on ``events`` gets ``Failed(JobCancelledError)``.
+        """
         if not self.cancelled:
             self.cancelled = True
+            self.events.put_nowait(Failed(JobCancelledError("the request was cancelled")))
             self.engine._wake()
 
     async def next_event(self):

@@ -84,7 +84,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
         request_timeout=args.request_timeout or None,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                 timeout_graceful_shutdown=10)).run()
     return 0
 
 

@@ -56,7 +56,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .audio import SAMPLE_RATE, iter_audio
-from .audio_url import ForbiddenSourceError, SourcePolicy
+from .audio_url import AudioTooLargeError, ForbiddenSourceError, SourcePolicy
 from .chat import (
     PART_SEPARATOR,
     Usage,
@@ -118,6 +118,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(504, str(exc), "timeout_error", code="timeout")
     if isinstance(exc, EngineClosedError):
         return APIError(503, str(exc), "server_error", code="shutting_down")
+    if isinstance(exc, AudioTooLargeError):
+        return APIError(413, str(exc), code="request_too_large")
     if isinstance(exc, ForbiddenSourceError):
         return APIError(403, str(exc), "permission_error", code="forbidden_source")
     if isinstance(exc, UnsupportedAudioFormatError):
