@@ -129,7 +129,8 @@ class Job:
     def cancel(self) -> None:
         """Stop the job (the client went away); the engine drops it at its next step.
 
-        Whoever still waits on ``events`` gets ``Failed(JobCancelledError)``.
+        Whoever still waits on ``events`` gets ``Failed(JobCancelledError)``. Call it from
+        the job's event loop.
         """
         if not self.cancelled:
             self.cancelled = True
@@ -171,6 +172,8 @@ class Engine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._closed = False
+        self.steps = 0  # batch steps run
+        self.max_batch = 0  # most sessions decoded in one step
         self._thread = threading.Thread(target=self._run, name="mlx-voxtral-engine", daemon=True)
         self._thread.start()
 
@@ -235,7 +238,13 @@ class Engine:
                     job._emit(Failed(EngineClosedError("the server is shutting down")))
                 return
             jobs = [job for job in jobs if self._prepare(job)]
-            progressed = self._step(jobs) if jobs else False
+            try:
+                progressed = self._step(jobs) if jobs else False
+            except Exception as e:  # a bug: fail this step's jobs, keep serving the others
+                log.exception("engine step failed")
+                for job in jobs:
+                    self._fail(job, e)
+                progressed = True
             with self._lock:
                 self._active = [j for j in self._active if j in jobs and not self._finished(j)]
             if not progressed:
@@ -306,6 +315,8 @@ class Engine:
     def _step(self, jobs: list[Job]) -> bool:
         """One ``batch_step`` over the jobs' sessions; True if any stream advanced."""
         sessions = [job.session for job in jobs]
+        self.steps += 1
+        self.max_batch = max(self.max_batch, len(sessions))
         before = [(id(s.stream), s.stream.position, s.stream.embedded, s.done) for s in sessions]
         timings = Timings()
         try:
@@ -321,7 +332,11 @@ class Engine:
             for event in evs:
                 job._emit(event)
             if session.done:
-                self._end_part(job)
+                try:
+                    self._end_part(job)
+                except Exception as e:
+                    log.exception("finishing a job failed")
+                    self._fail(job, e)
         after = [(id(s.stream), s.stream.position, s.stream.embedded, s.done) for s in sessions]
         return before != after
 

@@ -32,7 +32,7 @@ import soundfile as sf  # noqa: E402
 import mlx_voxtral  # noqa: E402
 from mlx_voxtral.audio import load_audio  # noqa: E402
 from mlx_voxtral.audio_url import SourcePolicy  # noqa: E402
-from mlx_voxtral.engine import Engine  # noqa: E402
+from mlx_voxtral.engine import Engine, Failed, Finished  # noqa: E402
 from mlx_voxtral.server import create_app  # noqa: E402
 from mlx_voxtral.writers import render  # noqa: E402
 
@@ -341,7 +341,7 @@ def test_realtime_needs_api_key(auth_server, refs):
 
 
 # concurrency --------------------------------------------------------------------------------
-def test_32_concurrent_requests(server, clips, refs):
+def test_32_concurrent_requests(server, engine, clips, refs):
     names = [CONCURRENT[i % len(CONCURRENT)] for i in range(32)]
 
     async def one(client, i, name):
@@ -355,8 +355,44 @@ def test_32_concurrent_requests(server, clips, refs):
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
             return await asyncio.gather(*(one(client, i, n) for i, n in enumerate(names)))
 
+    steps = engine.steps
     answers = asyncio.run(run())
     assert answers == [(200, refs[name].text) for name in names]
+    # decoded together: one after another would take about 32 * 29 decoder steps
+    assert engine.max_batch > 8
+    assert engine.steps - steps < 32 * 20
+
+
+def test_engine_survives_failing_jobs(model_fp32, clips, refs):
+    async def run(engine):
+        bad = engine.submit([np.zeros(16000, np.float32)], delay_ms=100)  # not a multiple of 80 ms
+        good = engine.submit([load_audio(clips["speech_0.5s"])])
+        nan = engine.start_live()
+        nan.append(np.full(1600, np.nan, np.float32))
+        out = []
+        for job in (bad, good, nan):
+            while not isinstance(event := await job.next_event(), (Finished, Failed)):
+                pass
+            out.append(event)
+        return out
+
+    engine = Engine(model_fp32, max_concurrency=4, max_queue=0)
+    try:
+        bad, good, nan = asyncio.run(run(engine))
+    finally:
+        engine.close()
+    assert isinstance(bad, Failed) and "multiple of 80" in str(bad.error)
+    assert isinstance(nan, Failed) and "NaN" in str(nan.error)
+    assert isinstance(good, Finished) and good.results[0].text == refs["speech_0.5s"].text
+
+
+def test_request_timeout_gives_504(model_fp32, clips):
+    served = Served(create_app(model_fp32, request_timeout=1e-6))
+    try:
+        r = served.http.post("/v1/chat/completions", json=chat_body(data_url(clips["speech_0.5s"])))
+        assert check_error(r, 504)["code"] == "timeout"
+    finally:
+        served.close()
 
 
 # hostile input ------------------------------------------------------------------------------
