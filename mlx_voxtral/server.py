@@ -42,7 +42,6 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict
 from typing import AsyncIterator, Optional
 
 import numpy as np
