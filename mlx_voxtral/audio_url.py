@@ -30,6 +30,10 @@ class ForbiddenSourceError(InvalidRequestError):
     """An audio location this caller may not read (local file or remote URL not allowed)."""
 
 
+class AudioTooLargeError(InvalidRequestError):
+    """Audio larger than the policy's ``max_bytes``."""
+
+
 @dataclass
 class SourcePolicy:
     """Which audio locations may be read.
@@ -61,7 +65,7 @@ def decode_data_url(url: str, max_bytes: int = MAX_AUDIO_BYTES) -> bytes:
     if not match.group("b64"):
         raise InvalidRequestError("data URL must be base64-encoded (;base64,)")
     if len(match.group("data")) * 3 // 4 > max_bytes:
-        raise InvalidRequestError(f"audio exceeds the {max_bytes} byte limit")
+        raise AudioTooLargeError(f"audio exceeds the {max_bytes} byte limit")
     return _b64decode(match.group("data"), "data URL payload")
 
 
@@ -73,7 +77,7 @@ def decode_input_audio(part: dict, max_bytes: int = MAX_AUDIO_BYTES) -> bytes:
     if fmt is not None and not isinstance(fmt, str):
         raise InvalidRequestError("input_audio.format must be a string")
     if len(part["data"]) * 3 // 4 > max_bytes:
-        raise InvalidRequestError(f"audio exceeds the {max_bytes} byte limit")
+        raise AudioTooLargeError(f"audio exceeds the {max_bytes} byte limit")
     data = _b64decode(part["data"], "input_audio.data")
     if not data:
         raise InvalidRequestError("input_audio.data is empty")
@@ -91,7 +95,7 @@ def _read_local(path: str, policy: SourcePolicy) -> bytes:
     if not real.is_file():
         raise InvalidRequestError(f"audio file not found: {path}")
     if real.stat().st_size > policy.max_bytes:
-        raise InvalidRequestError(f"audio exceeds the {policy.max_bytes} byte limit")
+        raise AudioTooLargeError(f"audio exceeds the {policy.max_bytes} byte limit")
     return real.read_bytes()
 
 
@@ -103,14 +107,14 @@ def _read_remote(url: str, policy: SourcePolicy) -> bytes:
         with urllib.request.urlopen(request, timeout=policy.timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-                raise InvalidRequestError(f"audio at {url} exceeds the {policy.max_bytes} byte limit")
+                raise AudioTooLargeError(f"audio at {url} exceeds the {policy.max_bytes} byte limit")
             data = response.read(policy.max_bytes + 1)
     except urllib.error.HTTPError as e:
         raise InvalidRequestError(f"fetching {url} failed: HTTP {e.code}") from e
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         raise InvalidRequestError(f"fetching {url} failed: {getattr(e, 'reason', e)}") from e
     if len(data) > policy.max_bytes:
-        raise InvalidRequestError(f"audio at {url} exceeds the {policy.max_bytes} byte limit")
+        raise AudioTooLargeError(f"audio at {url} exceeds the {policy.max_bytes} byte limit")
     return data
 
 

@@ -25,7 +25,7 @@ BLOCK_SECONDS = 30.0
 
 __all__ = [
     "Timings", "Transcription", "TextDelta", "Word", "StreamReset", "Done",
-    "transcribe", "stream_transcribe", "async_stream_transcribe", "sample", "batch_step",
+    "transcribe", "stream_transcribe", "async_stream_transcribe", "sample", "batch_step", "result",
 ]
 
 
@@ -220,7 +220,8 @@ def batch_step(model, sessions: list[Session], timings: Optional[Timings] = None
     return events
 
 
-def _result(session: Session, timings: Timings) -> Transcription:
+def result(session: Session, timings: Timings) -> Transcription:
+    """The ``Transcription`` of a session so far (complete once ``session.done``)."""
     return Transcription(
         text=session.text,
         token_ids=list(session.token_ids),
@@ -284,7 +285,7 @@ def transcribe(
             pass
         if progress is not None:
             progress(session.duration, blocks.duration)
-    return _result(session, timings)
+    return result(session, timings)
 
 
 Event = Union[TextDelta, Word, StreamReset, Done]
@@ -325,7 +326,7 @@ def stream_transcribe(
             raise AudioError("the audio stream is empty (0 samples)")
         session.finish()
         yield from run_session(session, timings)
-    yield Done(_result(session, timings))
+    yield Done(result(session, timings))
 
 
 async def async_stream_transcribe(
@@ -365,4 +366,4 @@ async def async_stream_transcribe(
                 raise AudioError("the audio stream is empty (0 samples)")
             for event in await loop.run_in_executor(worker, work, None):
                 yield event
-        yield Done(_result(session, timings))
+        yield Done(result(session, timings))

@@ -1,0 +1,356 @@
+"""The transcription engine: one thread that decodes every request and live session together.
+
+MLX arrays must be evaluated on the thread that built them, so all model work (creating
+``Session``s, pushing audio, ``batch_step``, results) happens on the engine's one worker
+thread. Each loop iteration admits queued jobs up to ``max_concurrency``, feeds them
+audio, and runs ``batch_step``: one encoder pass and one decoder forward for every active
+stream at once. Events go back to each job's asyncio queue with
+``loop.call_soon_threadsafe``.
+
+Two kinds of job:
+
+* **offline**: decoded audio arrays, transcribed one after another (a request with several
+  audio parts) under one shared ``max_tokens`` budget; fed to its session in blocks.
+* **live**: audio appended from a websocket as it arrives; ``finish()`` ends it.
+
+A job gets ``TextDelta`` / ``Word`` / ``StreamReset`` events, a ``PartDone`` per finished
+audio, and finally ``Finished`` (the ``Transcription`` of every part) or ``Failed``. A job
+that fails, times out or is cancelled (client gone) is dropped at the next step; the
+engine itself keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+from .exceptions import VoxtralError
+from .generate import Timings, Transcription, batch_step, result
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+# Offline audio is pushed into its session in blocks of this many seconds, whenever less
+# than one block of it is waiting to be decoded.
+FEED_SECONDS = 10.0
+IDLE_WAIT = 0.05  # seconds the worker sleeps when no stream can advance
+
+
+class QueueFullError(VoxtralError):
+    """The engine has ``max_concurrency`` active and ``max_queue`` waiting jobs already."""
+
+
+class RequestTimeoutError(VoxtralError):
+    """A job ran past the engine's ``request_timeout``."""
+
+
+class JobCancelledError(VoxtralError):
+    """The job was cancelled (its client went away)."""
+
+
+class EngineClosedError(VoxtralError):
+    """The engine was shut down."""
+
+
+# events ---------------------------------------------------------------------------------
+@dataclass
+class PartDone:
+    """One audio of an offline job (or the live audio) is transcribed."""
+
+    index: int
+    result: Transcription
+
+
+@dataclass
+class Finished:
+    """The job is complete: one ``Transcription`` per audio transcribed."""
+
+    results: list[Transcription]
+
+
+@dataclass
+class Failed:
+    """The job failed; ``error`` is the exception."""
+
+    error: BaseException
+
+
+# jobs -----------------------------------------------------------------------------------
+_FINISH = object()  # live inbox marker: no more audio
+
+
+@dataclass(eq=False)
+class Job:
+    """One request or live session, as the engine and the asyncio side share it.
+
+    The asyncio side reads ``events`` and calls ``append`` / ``finish`` / ``cancel``; the
+    engine thread owns ``session`` and everything under it.
+    """
+
+    engine: "Engine"
+    live: bool
+    audios: list[np.ndarray]
+    max_tokens: Optional[int]
+    temperature: float
+    seed: Optional[int]
+    delay_ms: Optional[float]
+    loop: asyncio.AbstractEventLoop
+    deadline: Optional[float]
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set by the asyncio side
+    # engine-thread state
+    closed: bool = False  # finished or failed: no more work
+    session: Optional[Session] = None
+    part: int = 0
+    fed: int = 0  # samples of the current offline audio pushed so far
+    results: list = field(default_factory=list)
+    text_tokens: int = 0  # text tokens of the finished parts (max_tokens budget)
+    timings: Timings = field(default_factory=Timings)
+    inbox: collections.deque = field(default_factory=collections.deque)
+
+    def append(self, samples: np.ndarray) -> None:
+        """Live jobs: more float32 16 kHz audio."""
+        self.inbox.append(np.asarray(samples, np.float32).reshape(-1))
+        self.engine._wake()
+
+    def finish(self) -> None:
+        """Live jobs: the audio has ended."""
+        self.inbox.append(_FINISH)
+        self.engine._wake()
+
+    def cancel(self) -> None:
+        """Stop the job (the client went away); the engine drops it at its next step.
+
+        Whoever still waits on ``events`` gets ``Failed(JobCancelledError)``. Call it from
+        the job's event loop.
+        """
+        if not self.cancelled:
+            self.cancelled = True
+            self.events.put_nowait(Failed(JobCancelledError("the request was cancelled")))
+            self.engine._wake()
+
+    async def next_event(self):
+        return await self.events.get()
+
+    def _emit(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening
+            self.cancelled = True
+
+
+class Engine:
+    """Schedules transcription jobs on one worker thread and batches their decoding.
+
+    Args:
+        model: a model from ``mlx_voxtral.load``.
+        max_concurrency: streams decoded together (active jobs).
+        max_queue: jobs that may wait for a slot; beyond, ``submit`` raises ``QueueFullError``.
+        request_timeout: seconds an offline job may take from submission (queue wait
+            included) before it fails with ``RequestTimeoutError``; ``None``: no limit. Live
+            jobs last as long as their connection.
+    """
+
+    def __init__(self, model, max_concurrency: int = 8, max_queue: int = 32,
+                 request_timeout: Optional[float] = 600.0):
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self._pending: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._closed = False
+        self.steps = 0  # batch steps run
+        self.max_batch = 0  # most sessions decoded in one step
+        self._thread = threading.Thread(target=self._run, name="mlx-voxtral-engine", daemon=True)
+        self._thread.start()
+
+    # asyncio side -------------------------------------------------------------------------
+    def submit(self, audios: list[np.ndarray], *, max_tokens: Optional[int] = None,
+               temperature: float = 0.0, seed: Optional[int] = None,
+               delay_ms: Optional[float] = None) -> Job:
+        """Queue an offline job over ``audios`` (float32 16 kHz arrays). Call from the loop."""
+        if not audios:
+            raise ValueError("an offline job needs at least one audio")
+        return self._add(False, list(audios), max_tokens, temperature, seed, delay_ms)
+
+    def start_live(self, *, temperature: float = 0.0, delay_ms: Optional[float] = None,
+                   max_tokens: Optional[int] = None) -> Job:
+        """Queue a live job; feed it with ``job.append`` and end it with ``job.finish``."""
+        return self._add(True, [], max_tokens, temperature, None, delay_ms)
+
+    def _add(self, live, audios, max_tokens, temperature, seed, delay_ms) -> Job:
+        loop = asyncio.get_running_loop()
+        deadline = None if (live or self.request_timeout is None) else time.monotonic() + self.request_timeout
+        job = Job(self, live, audios, max_tokens, temperature, seed, delay_ms, loop, deadline)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+            load = sum(not (j.cancelled or j.closed) for j in [*self._active, *self._pending])
+            if load >= self.max_concurrency + self.max_queue:
+                raise QueueFullError(
+                    f"the server is busy ({self.max_concurrency} requests running, "
+                    f"{self.max_queue} waiting); retry later"
+                )
+            self._pending.append(job)
+        self._wake()
+        return job
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active, waiting) jobs."""
+        with self._lock:
+            return len(self._active), len(self._pending)
+
+    def close(self) -> None:
+        """Stop the worker; jobs still running fail with ``EngineClosedError``."""
+        with self._lock:
+            self._closed = True
+        self._wake()
+        self._thread.join(timeout=30)
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    # worker thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            with self._lock:
+                closed = self._closed
+                while not closed and self._pending and len(self._active) < self.max_concurrency:
+                    self._active.append(self._pending.popleft())
+                jobs = list(self._active)
+            if closed:
+                for job in jobs + list(self._pending):
+                    job._emit(Failed(EngineClosedError("the server is shutting down")))
+                return
+            jobs = [job for job in jobs if self._prepare(job)]
+            try:
+                progressed = self._step(jobs) if jobs else False
+            except Exception as e:  # a bug: fail this step's jobs, keep serving the others
+                log.exception("engine step failed")
+                for job in jobs:
+                    self._fail(job, e)
+                progressed = True
+            with self._lock:
+                self._active = [j for j in self._active if j in jobs and not self._finished(j)]
+            if not progressed:
+                self._wakeup.wait(IDLE_WAIT)
+
+    @staticmethod
+    def _finished(job: Job) -> bool:
+        return job.cancelled or job.closed
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        job._emit(Failed(error))
+        job.session = None
+        job.closed = True
+
+    def _prepare(self, job: Job) -> bool:
+        """Drop a cancelled or late job; start its session; give it audio. False: drop it."""
+        if job.cancelled or job.closed:
+            return False
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            self._fail(job, RequestTimeoutError(f"the request took more than {self.request_timeout:g} s"))
+            return False
+        try:
+            if job.session is None:
+                job.session = Session(self.model, job.delay_ms, job.temperature, job.seed, self._budget(job))
+            if job.live:
+                self._feed_live(job)
+            else:
+                self._feed_offline(job)
+        except Exception as e:  # bad parameters or audio: this job only
+            self._fail(job, e)
+            return False
+        return True
+
+    def _budget(self, job: Job) -> Optional[int]:
+        """The text tokens the job's next session may still produce."""
+        if job.max_tokens is None:
+            return None
+        return job.max_tokens - job.text_tokens
+
+    def _feed_offline(self, job: Job) -> None:
+        session, audio = job.session, job.audios[job.part]
+        if session.finished:
+            return
+        stream = session.stream
+        waiting = stream.pending_tokens() + stream.embedded - stream.position  # 80 ms tokens
+        block = int(FEED_SECONDS * SAMPLE_RATE)
+        if waiting * stream.samples_per_token < block:
+            session.push(audio[job.fed : job.fed + block])
+            job.fed += block
+            if job.fed >= audio.shape[0]:
+                session.finish()
+
+    def _feed_live(self, job: Job) -> None:
+        session = job.session
+        while job.inbox:
+            item = job.inbox.popleft()
+            if session.finished:
+                continue
+            if item is _FINISH:
+                if session.samples == 0:
+                    raise VoxtralError("no audio was appended before the end of the session")
+                session.finish()
+            elif item.shape[0]:
+                if not np.isfinite(item).all():
+                    raise VoxtralError("the audio contains NaN or infinite samples")
+                session.push(item)
+
+    def _step(self, jobs: list[Job]) -> bool:
+        """One ``batch_step`` over the jobs' sessions; True if any stream advanced."""
+        sessions = [job.session for job in jobs]
+        self.steps += 1
+        self.max_batch = max(self.max_batch, len(sessions))
+        before = [(id(s.stream), s.stream.position, s.stream.embedded, s.done) for s in sessions]
+        timings = Timings()
+        try:
+            events = batch_step(self.model, sessions, timings)
+        except Exception as e:  # cannot tell whose stream broke it: fail every job in the step
+            log.exception("batch_step failed")
+            for job in jobs:
+                self._fail(job, e)
+            return True
+        for job, session, evs in zip(jobs, sessions, events):
+            job.timings.encode += timings.encode
+            job.timings.decode += timings.decode
+            for event in evs:
+                job._emit(event)
+            if session.done:
+                try:
+                    self._end_part(job)
+                except Exception as e:
+                    log.exception("finishing a job failed")
+                    self._fail(job, e)
+        after = [(id(s.stream), s.stream.position, s.stream.embedded, s.done) for s in sessions]
+        return before != after
+
+    def _end_part(self, job: Job) -> None:
+        session = job.session
+        part = result(session, job.timings)
+        job.text_tokens += session.n_text
+        job.results.append(part)
+        job._emit(PartDone(job.part, part))
+        job.timings = Timings()
+        job.part += 1
+        job.fed = 0
+        job.session = None
+        if job.live or part.finish_reason == "length" or job.part >= len(job.audios):
+            job._emit(Finished(job.results))
+            job.closed = True  # leaves the active set
+        # else the next audio of the request gets its session at the next step
