@@ -147,7 +147,7 @@ def test_one_bad_file_does_not_stop_the_others(tiny_checkpoint, speech_5s, tmp_p
 def test_version_and_help():
     r = cli("--version")
     assert r.returncode == 0 and mlx_voxtral.__version__ in r.stdout
-    for command in ("transcribe", "listen", "convert", "bench"):
+    for command in ("transcribe", "listen", "serve", "convert", "bench"):
         r = cli(command, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout, (command, r.stderr)
 
