@@ -128,6 +128,28 @@ def audio_inputs(messages: Any, policy: Optional[SourcePolicy] = None) -> list[b
     return audio
 
 
+class DeltaText:
+    """Text pieces in, deltas out whose concatenation is the (stripped) session text.
+
+    Leading whitespace is dropped and trailing whitespace held back until more text comes.
+    """
+
+    def __init__(self):
+        self.started = False
+        self.held = ""
+
+    def add(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        piece = self.held + piece
+        body = piece.rstrip()
+        self.held = piece[len(body):]
+        return body
+
+
 # responses ------------------------------------------------------------------------------
 @dataclass
 class Usage:

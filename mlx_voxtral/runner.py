@@ -38,6 +38,7 @@ from .chat import (
     ChatCompletionChunkResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    DeltaText,
     Usage,
     audio_inputs,
     check_options,
@@ -169,13 +170,12 @@ class Runner:
         for i, audio in enumerate(audios):
             remaining = None if max_tokens is None else max_tokens - sum(r.text_tokens for r in results)
             blocks = iter_audio(audio, block_seconds=STREAM_BLOCK_SECONDS)
-            started = False  # the joined text of a part is stripped: so are its first deltas
+            text = DeltaText()  # deltas that join to the part's stripped text
             for event in stream_transcribe(self.model, blocks, max_tokens=remaining, **options):
                 if isinstance(event, TextDelta):
-                    text = event.text if started else event.text.lstrip()
-                    if text:
-                        started = True
-                        yield chunk(request_id, model_name, created, content=text)
+                    piece = text.add(event.text)
+                    if piece:
+                        yield chunk(request_id, model_name, created, content=piece)
                 elif isinstance(event, Done):
                     results.append(event.result)
             if results[-1].finish_reason == "length":

@@ -58,6 +58,7 @@ from .audio import SAMPLE_RATE, iter_audio
 from .audio_url import AudioTooLargeError, ForbiddenSourceError, SourcePolicy
 from .chat import (
     PART_SEPARATOR,
+    DeltaText,
     Usage,
     audio_inputs,
     check_options,
@@ -172,28 +173,6 @@ class BodyLimit:
 
 
 # helpers --------------------------------------------------------------------------------
-class DeltaText:
-    """Text pieces in, deltas out whose concatenation is the (stripped) session text.
-
-    Leading whitespace is dropped and trailing whitespace held back until more text comes.
-    """
-
-    def __init__(self):
-        self.started = False
-        self.held = ""
-
-    def add(self, piece: str) -> str:
-        if not self.started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self.started = True
-        piece = self.held + piece
-        body = piece.rstrip()
-        self.held = piece[len(body):]
-        return body
-
-
 def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
