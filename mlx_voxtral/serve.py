@@ -13,16 +13,14 @@ import os
 import sys
 from typing import Optional
 
-from .loader import DEFAULT_MODEL
+from .cli import add_model_args
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible Voxtral Realtime transcription server")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or Hugging Face repo id")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1234)
-    p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the weights while loading")
-    p.add_argument("--group-size", type=int, default=64, help="weights per quantization group")
     p.add_argument("--api-key", default=os.environ.get("MLX_VOXTRAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $MLX_VOXTRAL_API_KEY)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together")
@@ -37,7 +35,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_voxtral.serve") -> int:
     """Parse ``argv``, load the model and serve until interrupted. Returns the exit code."""
     args = build_parser(prog).parse_args(argv)
     name = prog or "mlx_voxtral.serve"
