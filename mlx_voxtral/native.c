@@ -321,6 +321,172 @@ int mlx_voxtral_bf16mm(int M, int N, int K, const float* x, const uint16_t* w, f
   return 0;
 }
 
+/* ---- sliding-window causal attention (float32) ----
+   Query i sits at key index p = Sk - Sq + i and attends to keys (p - window, p]. Every
+   score is one fused multiply-add chain over the head dimension, every softmax sum and
+   every output value runs over the row's own keys in increasing order, so a query's
+   result does not depend on how many other queries share the call (streaming in 80 ms
+   steps gives the same bits as one offline block). Memory: one transposed copy of K and a
+   score tile per task, never the [Sq, Sk] matrix. */
+#define ATT_ROWS 6    /* query rows per register tile */
+#define ATT_BLOCK 48  /* query rows per task */
+
+/* e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~2 ulp). */
+INLINE v8 exp8(v8 x) {
+  v8i under = x < -87.0f;
+  x = (v8)(((v8i)x & ~under) | ((v8i)((v8){0} - 87.0f) & under));
+  v8i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i);  /* round, x <= 0 */
+  v8 fn = __builtin_convertvector(n, v8);
+  v8 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  v8 p = (v8){0} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  v8 y = p * (r * r) + r + 1.0f;
+  v8i e = (n + 127) << 23;
+  v8 scale;
+  memcpy(&scale, &e, 32);
+  return y * scale;
+}
+INLINE float exp1(float x) { v8 v = exp8((v8){0} + x); return v[0]; }
+
+/* scores[r][j] for R query rows against 16 keys: kt is K^T ([D][ldk]) at the first key. */
+INLINE void att_scores(const int R, int D, const float* q, int ldq, const float* kt, int ldk,
+                       float* s, int lds) {
+  v8 acc[ATT_ROWS][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v8){0};
+  for (int d = 0; d < D; d++) {
+    v8 k0 = load8(kt + (size_t)d * ldk), k1 = load8(kt + (size_t)d * ldk + 8);
+    for (int r = 0; r < R; r++) {
+      v8 qb = (v8){0} + q[(size_t)r * ldq + d];
+      acc[r][0] = fma8(qb, k0, acc[r][0]);
+      acc[r][1] = fma8(qb, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    memcpy(s + (size_t)r * lds, &acc[r][0], 32);
+    memcpy(s + (size_t)r * lds + 8, &acc[r][1], 32);
+  }
+}
+
+/* out[r][0:16] = sum_j p[r][j] v[j][0:16] over keys [j0, j1). */
+INLINE void att_values(const int R, int j0, int j1, const float* p, int ldp, const float* v, int ldv,
+                       float* out, int ldo) {
+  v8 acc[ATT_ROWS][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v8){0};
+  for (int j = j0; j < j1; j++) {
+    v8 v0 = load8(v + (size_t)j * ldv), v1 = load8(v + (size_t)j * ldv + 8);
+    for (int r = 0; r < R; r++) {
+      v8 pb = (v8){0} + p[(size_t)r * ldp + j];
+      acc[r][0] = fma8(pb, v0, acc[r][0]);
+      acc[r][1] = fma8(pb, v1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    memcpy(out + (size_t)r * ldo, &acc[r][0], 32);
+    memcpy(out + (size_t)r * ldo + 8, &acc[r][1], 32);
+  }
+}
+
+/* One register tile of R rows: scores over the tile's keys, softmax per row, values. */
+INLINE void att_tile(const int R, int D, int window, float scale, int pos0, int jlo, const float* q,
+                     const float* kt, int ldk, const float* v, float* s, int lds, float* out, int ldo) {
+  int lo0 = pos0 - window + 1 > jlo ? pos0 - window + 1 - jlo : 0; /* first row's first key */
+  int hi = pos0 + R - 1 - jlo;                                       /* last row's last key */
+  int jb0 = lo0 & ~15;
+  for (int jb = jb0; jb <= hi; jb += 16)
+    att_scores(R, D, q, D, kt + jlo + jb, ldk, s + jb, lds);
+  float inv[ATT_ROWS];
+  for (int r = 0; r < R; r++) {
+    float* sr = s + (size_t)r * lds;
+    int a = pos0 + r - window + 1 > jlo ? pos0 + r - window + 1 - jlo : 0, b = pos0 + r - jlo + 1;
+    float m = sr[a];
+    for (int j = a + 1; j < b; j++) m = sr[j] > m ? sr[j] : m;
+    v8 sum = (v8){0};
+    int j = a;
+    for (; j + 8 <= b; j += 8) {
+      v8 e = exp8((load8(sr + j) - m) * scale);
+      memcpy(sr + j, &e, 32);
+      sum += e;
+    }
+    float tail = 0.0f;
+    for (; j < b; j++) tail += sr[j] = exp1((sr[j] - m) * scale);
+    inv[r] = 1.0f / (hsum(sum) + tail);
+    for (j = lo0; j < a; j++) sr[j] = 0.0f;
+    for (j = b; j <= hi; j++) sr[j] = 0.0f;
+  }
+  for (int dd = 0; dd < D; dd += 16)
+    att_values(R, lo0, hi + 1, s, lds, v + (size_t)jlo * D + dd, D, out + dd, ldo);
+  for (int r = 0; r < R; r++)
+    for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] *= inv[r];
+}
+
+/* out [Sq, H, D] = attention of q [H, Sq, D] over k, v [Hkv, Sk, D] (H a multiple of Hkv,
+   D a multiple of 16, Sq <= Sk). Returns nonzero when out of memory or unsupported. */
+int mlx_voxtral_attention(int H, int Hkv, int Sq, int Sk, int D, int window, float scale,
+                          const float* q, const float* k, const float* v, float* out) {
+  if (D % 16 || H % Hkv || Sq > Sk || window < 1) return 1;
+  int ldk = Sk + 16;  /* tiles read up to 15 keys past the last one */
+  float* kt = malloc(sizeof(float) * (size_t)Hkv * D * ldk);
+  if (!kt) return 2;
+  #pragma omp parallel for schedule(static)
+  for (int hd = 0; hd < Hkv * D; hd++) {
+    const float* src = k + (size_t)(hd / D) * Sk * D + hd % D;
+    float* dst = kt + (size_t)hd * ldk;
+    for (int j = 0; j < Sk; j++) dst[j] = src[(size_t)j * D];
+    memset(dst + Sk, 0, sizeof(float) * (ldk - Sk));
+  }
+  int blocks = (Sq + ATT_BLOCK - 1) / ATT_BLOCK, failed = 0;
+  #pragma omp parallel for schedule(dynamic)
+  for (int t = 0; t < H * blocks; t++) {
+    int h = t / blocks, i0 = (t % blocks) * ATT_BLOCK;
+    int i1 = i0 + ATT_BLOCK < Sq ? i0 + ATT_BLOCK : Sq;
+    int p0 = Sk - Sq + i0;  /* key index of the block's first query */
+    int jlo = p0 - window + 1 > 0 ? p0 - window + 1 : 0;
+    int lds = ((Sk - Sq + i1 - jlo) + 31) & ~15;
+    float* s = malloc(sizeof(float) * (size_t)ATT_ROWS * lds);
+    if (!s) { failed = 1; continue; }
+    const float* kth = kt + (size_t)(h / (H / Hkv)) * D * ldk;
+    const float* vh = v + (size_t)(h / (H / Hkv)) * Sk * D;
+    for (int i = i0; i < i1; i += ATT_ROWS) {
+      const float* qi = q + ((size_t)h * Sq + i) * D;
+      float* oi = out + ((size_t)i * H + h) * D;
+      int pos = Sk - Sq + i, ldo = H * D;
+      switch (i1 - i < ATT_ROWS ? i1 - i : ATT_ROWS) {
+        case 1: att_tile(1, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
+        case 2: att_tile(2, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
+        case 3: att_tile(3, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
+        case 4: att_tile(4, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
+        case 5: att_tile(5, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
+        default: att_tile(6, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
+      }
+    }
+    free(s);
+  }
+  free(kt);
+  return failed ? 2 : 0;
+}
+
+/* y = silu(a) * b = a * sigmoid(a) * b elementwise (the SwiGLU gate), on all cores. */
+void mlx_voxtral_silu_mul(size_t n, const float* a, const float* b, float* y) {
+  size_t n8 = n & ~(size_t)7;
+  #pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n8; i += 8) {
+    v8 x = load8(a + i);
+    v8i neg = x < 0.0f;
+    v8 e = exp8((v8)((v8i)x | INT32_MIN));  /* e^-|x|: the sign bit set */
+    v8 num = (v8)(((v8i)e & neg) | ((v8i)((v8){0} + 1.0f) & ~neg));
+    v8 out = x * (num / (e + 1.0f)) * load8(b + i);
+    memcpy(y + i, &out, 32);
+  }
+  for (size_t i = n8; i < n; i++) {
+    float x = a[i], e = exp1(x < 0 ? x : -x);
+    y[i] = x * ((x < 0 ? e : 1.0f) / (e + 1.0f)) * b[i];
+  }
+}
+
 int mlx_voxtral_kernels(void) { return 1; }
 #else
 int mlx_voxtral_kernels(void) { return 0; }

@@ -68,6 +68,73 @@ def test_rows_do_not_depend_on_their_batch():
         assert np.array_equal(np.array(mx.array(x) @ wf.T)[row], np.array(mx.array(alone) @ wf.T)[0])
 
 
+def _attention_reference(q, k, v, scale, window):
+    """float64 sliding-window causal attention; queries are the last keys' positions."""
+    h, sq, _ = q.shape
+    hkv, sk, _ = k.shape
+    qp, kp = np.arange(sk - sq, sk)[:, None], np.arange(sk)[None]
+    mask = (kp <= qp) & (kp > qp - window)
+    k, v = (np.repeat(t, h // hkv, 0).astype(np.float64) for t in (k, v))
+    s = np.where(mask, np.einsum("hqd,hkd->hqk", q.astype(np.float64), k) * scale, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqk,hkd->qhd", p, v).reshape(sq, -1)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, queries, keys, head_dim, window",
+    [
+        (4, 4, 37, 100, 48, 20),  # band narrower than the block, rows not a multiple of 6
+        (4, 2, 5, 5, 16, 100),  # grouped-query, window past the keys
+        (32, 8, 39, 39, 128, 8192),  # the decoder's prompt
+        (3, 1, 2, 50, 32, 10),
+        (4, 4, 100, 849, 64, 750),  # the encoder's window
+        (2, 2, 7, 7, 16, 1),  # each query sees only itself
+    ],
+)
+def test_attention(heads, kv_heads, queries, keys, head_dim, window):
+    rng = np.random.default_rng(keys)
+    q = rng.standard_normal((heads, queries, head_dim)).astype(np.float32) * 2
+    k, v = (rng.standard_normal((kv_heads, keys, head_dim)).astype(np.float32) for _ in "kv")
+    got = native.attention(q, k, v, head_dim**-0.5, window)
+    assert got.shape == (queries, heads * head_dim)
+    assert np.abs(got - _attention_reference(q, k, v, head_dim**-0.5, window)).max() < 1e-5
+
+
+def test_attention_does_not_depend_on_the_chunking():
+    """Streaming feeds the encoder 4 queries at a time with its cache's keys in front; the
+    result must be the same bits as one offline block."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((8, 300, 64)).astype(np.float32) for _ in "qkv")
+    window = 50
+    whole = native.attention(q, k, v, 0.125, window)
+    parts, start = [], 0
+    for n in [4, 4, 8, 40, 4, 100, 140]:
+        first = max(0, start - (window - 1))
+        end = start + n
+        parts.append(native.attention(q[:, start:end], k[:, first:end], v[:, first:end], 0.125, window))
+        start = end
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
+def test_attention_rejects_unsupported_shapes():
+    assert not native.attention_supported(24)
+    with pytest.raises(ValueError, match="no native attention"):
+        native.attention(*(np.zeros((2, 4, 24), np.float32) for _ in "qkv"), 1.0, 4)
+
+
+def test_silu_mul():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((37, 301)).astype(np.float32) * 8
+    a[0, :5] = [0.0, -0.0, 90.0, -90.0, 1e-30]
+    b = rng.standard_normal((37, 301)).astype(np.float32)
+    a64 = a.astype(np.float64)
+    ref = a64 / (1 + np.exp(-a64)) * b
+    assert np.abs(native.silu_mul(a, b) - ref).max() < 1e-5 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="equal shapes"):
+        native.silu_mul(a, b[:3])
+
+
 @pytest.mark.parametrize("shape", [(1, 3072, 2000), (5, 700, 300), (8, 64, 4096), (40, 128, 96)])
 def test_blas_interposer(shape):
     """float32 matmuls through MLX (few rows: native kernel / sgemv; else the BLAS)."""
@@ -89,7 +156,9 @@ def test_cpu_layers_match_plain_mlx(tiny_checkpoint, speech_5s):
     code = (
         "import sys, mlx_voxtral, mlx.nn as nn\n"
         "m = mlx_voxtral.load(sys.argv[1])\n"
-        "kinds = {type(m.decoder.layers[0].attention.wq).__name__, type(m.decoder.tok_embeddings).__name__}\n"
+        "layer = m.encoder.layers[0]\n"
+        "kinds = {type(m.decoder.layers[0].attention.wq).__name__, type(m.decoder.tok_embeddings).__name__,\n"
+        "         type(layer.attention).__name__, type(layer.feed_forward).__name__}\n"
         "print(sorted(kinds), mlx_voxtral.transcribe(m, sys.argv[2]).token_ids)\n"
     )
 
@@ -101,8 +170,8 @@ def test_cpu_layers_match_plain_mlx(tiny_checkpoint, speech_5s):
 
     fast_kinds, fast = run()
     plain_kinds, plain = run(MLX_VOXTRAL_CPU_KERNELS="0")
-    assert fast_kinds == "['CPUEmbedding', 'CPULinear']"
-    assert plain_kinds == "['Embedding', 'Linear']"
+    assert fast_kinds == "['CPUAttention', 'CPUEmbedding', 'CPUFeedForward', 'CPULinear']"
+    assert plain_kinds == "['Attention', 'Embedding', 'FeedForward', 'Linear']"
     assert fast == plain
 
 
