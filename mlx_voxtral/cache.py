@@ -21,8 +21,9 @@ class KVCache:
 
     step = 256
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, dtype: Optional[mx.Dtype] = None):
         self.window = window
+        self.dtype = dtype  # storage dtype (None: the keys' own)
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
@@ -87,8 +88,12 @@ class KVCache:
         """Store ``keys``/``values`` ([B, H, n, D]); return what the new queries attend to.
 
         Returns ``(keys, values, mask)`` where mask is ``None``, ``"causal"`` or a boolean
-        array of shape ``[n, n_keys]``.
+        array of shape ``[n, n_keys]``. With a storage ``dtype`` the new keys are rounded to
+        it before they are used, so a position sees the same keys whether they are new or
+        cached.
         """
+        if self.dtype is not None:
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
         if keys.shape[2] == 1:
             return self._update_in_place(keys, values)
         return self._update_concat(keys, values)

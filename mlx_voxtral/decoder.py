@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,6 +52,9 @@ class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        # dtype the KV caches store (None: the activations'); on CPU the loader stores
+        # bfloat16 keys and values for half-precision and quantized models
+        self.cache_dtype: Optional[mx.Dtype] = None
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [DecoderLayer(args) for _ in range(args.n_layers)]
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
@@ -59,7 +62,7 @@ class Decoder(nn.Module):
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache(self.args.sliding_window) for _ in self.layers]
+        return [KVCache(self.args.sliding_window, self.cache_dtype) for _ in self.layers]
 
     def ada_scales(self, num_delay_tokens: int) -> list[mx.array]:
         """Per-layer FFN-norm scales for a delay (constant over a stream)."""

@@ -57,13 +57,14 @@ class Attention(nn.Module):
             qs = mx.fast.rope(qs, self.head_dim, **rope)
             ks = mx.fast.rope(ks, self.head_dim, **rope)
             ks, vs, mask = cache.update_and_fetch(ks, vs)
-            outputs.append(self.attend(qs, ks, vs, mask, cache.window))
+            outputs.append(self.attend(qs, ks, vs, mask, cache))
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
         return self.wo(out)
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, window: int) -> mx.array:
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache: KVCache) -> mx.array:
         """``q`` [1, H, n, D] (the last n of the keys' positions) over ``k``/``v``
-        [1, H_kv, m, D] with the cache's mask -> ``[1, n, H * D]``."""
+        [1, H_kv, m, D] (what ``cache`` returned, with ``mask``) -> ``[1, n, H * D]``."""
+        k, v = k.astype(q.dtype), v.astype(q.dtype)  # a cache may store another dtype
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(1, q.shape[2], -1)
 

@@ -42,6 +42,14 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, 32); return v; }
 INLINE float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+INLINE v8 bf16x8(const uint16_t* p) {
+  v8h h;
+  memcpy(&h, p, 16);
+  v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8 f;
+  memcpy(&f, &u, 32);
+  return f;
+}
 
 /* a * b + c. The file is compiled with -ffp-contract=off, so every row of a result gets the
    same operations whatever other rows share the call (a stream's logits never depend on
@@ -99,6 +107,10 @@ static void few_rows_sgemm_nt(int M, int N, int K, float alpha, const float* A, 
 /* ---- quantized (MLX affine layout): w [N, K * bits / 32] uint32, value j of a word at bits
    [bits * j, bits * (j + 1)); scales/biases [N, K / G], w = scale * q + bias per group. ---- */
 #define Q(v, shift, mask) __builtin_convertvector((v8i)(((v) >> (shift)) & (mask)), v8)
+/* Slot value times 2^shift, one integer op fewer than Q (exact: a few significant bits);
+   the few-row kernels meet it with x scaled by 2^-shift, so the products are q x exactly. */
+#define QS(v, shift, mask) __builtin_convertvector((v8i)((v) & ((mask) << (shift))), v8)
+#define QT(v, shift) __builtin_convertvector((v8i)((v) >> (shift)), v8)
 
 /* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining). xp holds x with
    each block of 8 words' values reordered so one unpacked slot meets 8 contiguous x. */
@@ -115,8 +127,8 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
       v8u v;
       memcpy(&v, row + b / vpw, 32);
       if (bits == 4) {
-        v8 q0 = Q(v, 0, 15u), q1 = Q(v, 4, 15u), q2 = Q(v, 8, 15u), q3 = Q(v, 12, 15u);
-        v8 q4 = Q(v, 16, 15u), q5 = Q(v, 20, 15u), q6 = Q(v, 24, 15u), q7 = Q(v, 28, 15u);
+        v8 q0 = QS(v, 0, 15u), q1 = QS(v, 4, 15u), q2 = QS(v, 8, 15u), q3 = QS(v, 12, 15u);
+        v8 q4 = QS(v, 16, 15u), q5 = QS(v, 20, 15u), q6 = QS(v, 24, 15u), q7 = QT(v, 28);
         for (int r = 0; r < R; r++) {
           const float* xb = xp + (size_t)(m0 + r) * K + b;
           v8 a = fma8(q0, load8(xb), acc[r]);
@@ -129,7 +141,7 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
           acc[r] = fma8(q7, load8(xb + 56), a);
         }
       } else {
-        v8 q0 = Q(v, 0, 255u), q1 = Q(v, 8, 255u), q2 = Q(v, 16, 255u), q3 = Q(v, 24, 255u);
+        v8 q0 = QS(v, 0, 255u), q1 = QS(v, 8, 255u), q2 = QS(v, 16, 255u), q3 = QT(v, 24);
         for (int r = 0; r < R; r++) {
           const float* xb = xp + (size_t)(m0 + r) * K + b;
           v8 a = fma8(q0, load8(xb), acc[r]);
@@ -170,12 +182,16 @@ INLINE void qmv_bits(const int bits, int M, int N, int K, int G, const float* xp
 
 /* x with each block of 8 words' values reordered (value vpw * i + j of a block, word i slot j,
    goes to j * 8 + i) so that one unpacked slot of 8 words meets 8 contiguous values. */
-static void permute_blocks(int M, int K, int bits, const float* x, float* xp) {
+static void permute_blocks(int M, int K, int bits, const float* x, float* xp, int prescale) {
   int vpw = 32 / bits, blk = 8 * vpw;
   for (int m = 0; m < M; m++)
     for (int b = 0; b < K; b += blk)
       for (int i = 0; i < 8; i++)
-        for (int j = 0; j < vpw; j++) xp[(size_t)m * K + b + j * 8 + i] = x[(size_t)m * K + b + vpw * i + j];
+        for (int j = 0; j < vpw; j++) {
+          float v = x[(size_t)m * K + b + vpw * i + j];
+          /* slot j's values come as q 2^(bits j) (QS), except the top slot (QT) */
+          xp[(size_t)m * K + b + j * 8 + i] = prescale && j < vpw - 1 ? v * (1.0f / (float)(1u << (bits * j))) : v;
+        }
 }
 
 /* Many rows: dequantize TILE weight rows at a time (all cores, in the permuted order, so
@@ -233,7 +249,7 @@ int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, float*
                     const uint32_t* w, const void* scales, const void* biases, int bf16, float* y) {
   int vpw = 32 / bits, blk = 8 * vpw, KG = K / G;
   if ((bits != 4 && bits != 8) || K % G || G % blk) return 1;
-  permute_blocks(M, K, bits, x, xp);
+  permute_blocks(M, K, bits, x, xp, M <= MANY_ROWS);
   if (M > MANY_ROWS) {
     float* tile = malloc(sizeof(float) * (size_t)TILE * K);
     if (!tile) return 2;
@@ -256,26 +272,86 @@ int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, float*
   return 0;
 }
 
-/* ---- bfloat16 weights w [N, K] ---- */
-INLINE void bf16_part(const int R, int m0, int n, int N, int K, const float* x, const uint16_t* row, float* y) {
-  int K8 = K & ~7;
-  v8 acc[4] = {0};
-  for (int k = 0; k < K8; k += 8) {
-    v8h h;
-    memcpy(&h, row + k, 16);
-    v8u u = __builtin_convertvector(h, v8u) << 16;
-    v8 wv;
-    memcpy(&wv, &u, 32);
-    for (int r = 0; r < R; r++) acc[r] = fma8(wv, load8(x + (size_t)(m0 + r) * K + k), acc[r]);
-  }
-  for (int r = 0; r < R; r++) {
-    float s = hsum(acc[r]);
-    for (int k = K8; k < K; k++) s += x[(size_t)(m0 + r) * K + k] * bf16_to_f32(row[k]);
-    y[(size_t)(m0 + r) * N + n] = s;
+/* ---- bfloat16 weights w [N, K] ----
+   Few rows: every output is 4 multiply-add chains, chain c over k = 32 i + 8 c + lane,
+   summed as hsum((a0 + a1) + (a2 + a3)), then a scalar tail past the last multiple of 32.
+   One chain per output is latency-bound (~35 GB/s of weights on this 2-core machine);
+   four reach the memory bandwidth (~55 GB/s). Every path below makes exactly these
+   chains, so a row's result never depends on how many rows share the call. */
+#define BF16_SPAN 32
+
+INLINE float bf16_finish(v8 a0, v8 a1, v8 a2, v8 a3, int K32, int K, const float* x, const uint16_t* row) {
+  float s = hsum((a0 + a1) + (a2 + a3));
+  for (int k = K32; k < K; k++) s += x[k] * bf16_to_f32(row[k]);
+  return s;
+}
+
+/* One row: the weights stream straight from memory. */
+static void bf16_one_row(int N, int K, const float* x, const uint16_t* w, float* y) {
+  int K32 = K & ~(BF16_SPAN - 1);
+  #pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++) {
+    const uint16_t* r = w + (size_t)n * K;
+    v8 a0 = (v8){0}, a1 = (v8){0}, a2 = (v8){0}, a3 = (v8){0};
+    for (int k = 0; k < K32; k += BF16_SPAN) {
+      a0 = fma8(bf16x8(r + k), load8(x + k), a0);
+      a1 = fma8(bf16x8(r + k + 8), load8(x + k + 8), a1);
+      a2 = fma8(bf16x8(r + k + 16), load8(x + k + 16), a2);
+      a3 = fma8(bf16x8(r + k + 24), load8(x + k + 24), a3);
+    }
+    y[n] = bf16_finish(a0, a1, a2, a3, K32, K, x, r);
   }
 }
 
-/* y [M, N] = x [M, K] @ w^T for bfloat16 w [N, K]: the few-row kernel FEW_ROWS rows at a
+/* R rows of x times one weight row: 4 R chains (32 registers hold R = 8 with AVX-512,
+   16 hold R = 2 without); the weights are converted once for all R rows. */
+#ifdef __AVX512F__
+#define BF16_TILE 8
+#else
+#define BF16_TILE 2
+#endif
+INLINE void bf16_tile(const int R, int K, int K32, const float* x, const uint16_t* row, float* y, int ldy) {
+  v8 c[BF16_TILE][4];
+  for (int i = 0; i < R; i++) c[i][0] = c[i][1] = c[i][2] = c[i][3] = (v8){0};
+  for (int k = 0; k < K32; k += BF16_SPAN) {
+    v8 w0 = bf16x8(row + k), w1 = bf16x8(row + k + 8), w2 = bf16x8(row + k + 16), w3 = bf16x8(row + k + 24);
+    for (int i = 0; i < R; i++) {
+      const float* xr = x + (size_t)i * K + k;
+      c[i][0] = fma8(w0, load8(xr), c[i][0]);
+      c[i][1] = fma8(w1, load8(xr + 8), c[i][1]);
+      c[i][2] = fma8(w2, load8(xr + 16), c[i][2]);
+      c[i][3] = fma8(w3, load8(xr + 24), c[i][3]);
+    }
+  }
+  for (int i = 0; i < R; i++) y[(size_t)i * ldy] = bf16_finish(c[i][0], c[i][1], c[i][2], c[i][3], K32, K, x + (size_t)i * K, row);
+}
+
+/* 2..FEW_ROWS rows: every weight row is read once and multiplied with every row of x. */
+static void bf16_few_rows(int M, int N, int K, const float* x, const uint16_t* w, float* y) {
+  int K32 = K & ~(BF16_SPAN - 1);
+  #pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++) {
+    const uint16_t* row = w + (size_t)n * K;
+    for (int m0 = 0; m0 < M; m0 += BF16_TILE) {
+      const float* xm = x + (size_t)m0 * K;
+      float* ym = y + (size_t)m0 * N + n;
+      switch (M - m0 < BF16_TILE ? M - m0 : BF16_TILE) {
+        case 1: bf16_tile(1, K, K32, xm, row, ym, N); break;
+#if BF16_TILE == 8
+        case 2: bf16_tile(2, K, K32, xm, row, ym, N); break;
+        case 3: bf16_tile(3, K, K32, xm, row, ym, N); break;
+        case 4: bf16_tile(4, K, K32, xm, row, ym, N); break;
+        case 5: bf16_tile(5, K, K32, xm, row, ym, N); break;
+        case 6: bf16_tile(6, K, K32, xm, row, ym, N); break;
+        case 7: bf16_tile(7, K, K32, xm, row, ym, N); break;
+#endif
+        default: bf16_tile(BF16_TILE, K, K32, xm, row, ym, N); break;
+      }
+    }
+  }
+}
+
+/* y [M, N] = x [M, K] @ w^T for bfloat16 w [N, K]: the few-row kernels FEW_ROWS rows at a
    time up to MANY_ROWS, then float32 tiles and the BLAS. */
 int mlx_voxtral_bf16mm(int M, int N, int K, const float* x, const uint16_t* w, float* y) {
   if (M > MANY_ROWS) {
@@ -303,20 +379,8 @@ int mlx_voxtral_bf16mm(int M, int N, int K, const float* x, const uint16_t* w, f
   }
   for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
     int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
-    const float* xm = x + (size_t)m0 * K;
-    float* ym = y + (size_t)m0 * N;
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-      const uint16_t* row = w + (size_t)n * K;
-      for (int r0 = 0; r0 < mb; r0 += 4) {
-        switch (mb - r0 < 4 ? mb - r0 : 4) {
-          case 1: bf16_part(1, r0, n, N, K, xm, row, ym); break;
-          case 2: bf16_part(2, r0, n, N, K, xm, row, ym); break;
-          case 3: bf16_part(3, r0, n, N, K, xm, row, ym); break;
-          default: bf16_part(4, r0, n, N, K, xm, row, ym); break;
-        }
-      }
-    }
+    if (mb == 1) bf16_one_row(N, K, x + (size_t)m0 * K, w, y + (size_t)m0 * N);
+    else bf16_few_rows(mb, N, K, x + (size_t)m0 * K, w, y + (size_t)m0 * N);
   }
   return 0;
 }
@@ -467,6 +531,122 @@ int mlx_voxtral_attention(int H, int Hkv, int Sq, int Sk, int D, int window, flo
   }
   free(kt);
   return failed ? 2 : 0;
+}
+
+/* One query per head over a bfloat16 KV cache (a decode step): q [H, D] float32, k/v
+   [Hkv, capacity, D] bfloat16 of which the first n keys are used, every one visible (the
+   cache holds only the window; its ring order does not matter to one query). Each kv head
+   is one task: scores for its H / Hkv query heads two keys at a time, softmax, then the
+   values 32 dimensions at a time. */
+
+INLINE void one_scores(const int G, int n, int D, const float* q, const uint16_t* k, float* s) {
+  for (int j = 0; j < n; j += 2) {
+    const uint16_t* k0 = k + (size_t)j * D;
+    const uint16_t* k1 = j + 1 < n ? k0 + D : k0;
+    v8 a0[4], a1[4];
+    for (int g = 0; g < G; g++) a0[g] = a1[g] = (v8){0};
+    for (int d = 0; d < D; d += 8) {
+      v8 x0 = bf16x8(k0 + d), x1 = bf16x8(k1 + d);
+      for (int g = 0; g < G; g++) {
+        v8 qg = load8(q + (size_t)g * D + d);
+        a0[g] = fma8(qg, x0, a0[g]);
+        a1[g] = fma8(qg, x1, a1[g]);
+      }
+    }
+    for (int g = 0; g < G; g++) {
+      s[(size_t)g * n + j] = hsum(a0[g]);
+      if (j + 1 < n) s[(size_t)g * n + j + 1] = hsum(a1[g]);
+    }
+  }
+}
+
+/* dims [d0, d0 + 8 C) of the G outputs: C x 8 dims at a time keep 4 G accumulators. */
+INLINE void one_values_part(const int G, const int C, int d0, int n, int D, const float* s,
+                            const float* inv, const uint16_t* v, float* out, int ldo) {
+  v8 acc[4][4], x[4];
+  for (int g = 0; g < G; g++)
+    for (int c = 0; c < C; c++) acc[g][c] = (v8){0};
+  for (int j = 0; j < n; j++) {
+    const uint16_t* vj = v + (size_t)j * D + d0;
+    for (int c = 0; c < C; c++) x[c] = bf16x8(vj + 8 * c);
+    for (int g = 0; g < G; g++) {
+      v8 p = (v8){0} + s[(size_t)g * n + j];
+      for (int c = 0; c < C; c++) acc[g][c] = fma8(p, x[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; g++)
+    for (int c = 0; c < C; c++) {
+      v8 o = acc[g][c] * inv[g];
+      memcpy(out + (size_t)g * ldo + d0 + 8 * c, &o, 32);
+    }
+}
+
+INLINE void one_values(const int G, int n, int D, const float* s, const float* inv, const uint16_t* v,
+                       float* out, int ldo) {
+  int d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) one_values_part(G, 4, d0, n, D, s, inv, v, out, ldo);
+  if (d0 < D) one_values_part(G, 2, d0, n, D, s, inv, v, out, ldo);
+}
+
+INLINE void one_group(const int G, int n, int D, float scale, const float* q, const uint16_t* k,
+                      const uint16_t* v, float* s, float* out) {
+  float inv[4];
+  one_scores(G, n, D, q, k, s);
+  for (int g = 0; g < G; g++) {
+    float* sg = s + (size_t)g * n;
+    float m = sg[0];
+    for (int j = 1; j < n; j++) m = sg[j] > m ? sg[j] : m;
+    v8 sum = (v8){0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+      v8 e = exp8((load8(sg + j) - m) * scale);
+      memcpy(sg + j, &e, 32);
+      sum += e;
+    }
+    float tail = 0.0f;
+    for (; j < n; j++) tail += sg[j] = exp1((sg[j] - m) * scale);
+    inv[g] = 1.0f / (hsum(sum) + tail);
+  }
+  one_values(G, n, D, s, inv, v, out, D);
+}
+
+/* out [H, D]; returns nonzero when unsupported (D not a multiple of 16) or out of memory. */
+int mlx_voxtral_attention_one(int H, int Hkv, int n, int capacity, int D, float scale, const float* q,
+                              const uint16_t* k, const uint16_t* v, float* out) {
+  if (D % 16 || H % Hkv || n < 1 || n > capacity) return 1;
+  int G = H / Hkv, failed = 0;
+  #pragma omp parallel for schedule(dynamic)
+  for (int t = 0; t < Hkv * ((G + 3) / 4); t++) {
+    int h = t / ((G + 3) / 4), g0 = (t % ((G + 3) / 4)) * 4, gb = G - g0 < 4 ? G - g0 : 4;
+    float* s = malloc(sizeof(float) * (size_t)4 * n);
+    if (!s) { failed = 1; continue; }
+    const float* qh = q + (size_t)(h * G + g0) * D;
+    const uint16_t* kh = k + (size_t)h * capacity * D;
+    const uint16_t* vh = v + (size_t)h * capacity * D;
+    float* oh = out + (size_t)(h * G + g0) * D;
+    switch (gb) {
+      case 1: one_group(1, n, D, scale, qh, kh, vh, s, oh); break;
+      case 2: one_group(2, n, D, scale, qh, kh, vh, s, oh); break;
+      case 3: one_group(3, n, D, scale, qh, kh, vh, s, oh); break;
+      default: one_group(4, n, D, scale, qh, kh, vh, s, oh); break;
+    }
+    free(s);
+  }
+  return failed ? 2 : 0;
+}
+
+/* Sum of n floats read once on all cores, 4 independent chains per thread: the
+   benchmark's probe of sustained read bandwidth (what a decode step is bound by). */
+float mlx_voxtral_read_sum(const float* p, size_t n) {
+  float total = 0.0f;
+  size_t n32 = n & ~(size_t)31;
+  #pragma omp parallel for schedule(static) reduction(+ : total)
+  for (size_t i = 0; i < n32; i += 32) {
+    v8 a = load8(p + i) + load8(p + i + 8), b = load8(p + i + 16) + load8(p + i + 24);
+    total += hsum(a + b);
+  }
+  for (size_t i = n32; i < n; i++) total += p[i];
+  return total;
 }
 
 /* y = silu(a) * b = a * sigmoid(a) * b elementwise (the SwiGLU gate), on all cores. */

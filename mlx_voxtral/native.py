@@ -252,3 +252,35 @@ def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     y = np.empty_like(a)
     _lib.mlx_voxtral_silu_mul(ctypes.c_size_t(a.size), *(t.ctypes.data_as(ctypes.c_void_p) for t in (a, b, y)))
     return y
+
+
+def attention_one_supported(head_dim: int) -> bool:
+    """Whether the single-query kernel over a bfloat16 cache handles this head size."""
+    return head_dim % 16 == 0
+
+
+def attention_one(q: np.ndarray, k, v, n: int, scale: float) -> np.ndarray:
+    """One query per head over a bfloat16 KV cache: float32 ``q`` [H, D]; ``k``/``v`` the
+    cache's evaluated, row-contiguous bfloat16 MLX buffers [Hkv, capacity, D] of which the
+    first ``n`` keys are used -> ``[H * D]``."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    h, d = q.shape
+    hkv, capacity, _ = k.shape
+    if not 0 < n <= capacity:
+        raise ValueError(f"{n} keys asked of a cache of {capacity}")
+    out = np.empty(h * d, np.float32)
+    status = _lib.mlx_voxtral_attention_one(h, hkv, n, capacity, d, ctypes.c_float(scale),
+                                            q.ctypes.data_as(ctypes.c_void_p), _pointer(k), _pointer(v),
+                                            out.ctypes.data_as(ctypes.c_void_p))
+    if status == 1:
+        raise ValueError(f"no native attention for {h} heads over {hkv}, {n} keys, head size {d}")
+    if status:
+        raise MemoryError("no memory for the attention scratch")
+    return out
+
+
+def read_sum(data: np.ndarray) -> float:
+    """Sum a float32 array on all cores, reading it once (the read-bandwidth probe)."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    _lib.mlx_voxtral_read_sum.restype = ctypes.c_float
+    return float(_lib.mlx_voxtral_read_sum(data.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(data.size)))

@@ -117,10 +117,32 @@ def test_attention_does_not_depend_on_the_chunking():
     assert np.array_equal(np.concatenate(parts), whole)
 
 
+@pytest.mark.parametrize("heads, kv_heads, keys, capacity, head_dim",
+                         [(32, 8, 300, 512, 128), (4, 2, 3, 3, 48), (6, 1, 37, 40, 64), (5, 5, 1, 256, 16)])
+def test_attention_one_over_a_bf16_cache(heads, kv_heads, keys, capacity, head_dim):
+    """A decode step: one query per head over the first ``keys`` of a bfloat16 buffer."""
+    rng = np.random.default_rng(keys)
+    q = rng.standard_normal((heads, head_dim)).astype(np.float32) * 2
+    k, v = (mx.array(rng.standard_normal((kv_heads, capacity, head_dim)).astype(np.float32)).astype(mx.bfloat16)
+            for _ in "kv")
+    mx.eval(k, v)
+    got = native.attention_one(q, k, v, keys, head_dim**-0.5)
+    k32, v32 = (np.array(t.astype(mx.float32))[:, :keys] for t in (k, v))
+    ref = _attention_reference(q[:, None], k32, v32, head_dim**-0.5, keys).reshape(-1)
+    assert np.abs(got - ref).max() < 1e-5
+    with pytest.raises(ValueError, match="keys asked"):
+        native.attention_one(q, k, v, capacity + 1, 1.0)
+
+
 def test_attention_rejects_unsupported_shapes():
-    assert not native.attention_supported(24)
+    assert not native.attention_supported(24) and not native.attention_one_supported(24)
     with pytest.raises(ValueError, match="no native attention"):
         native.attention(*(np.zeros((2, 4, 24), np.float32) for _ in "qkv"), 1.0, 4)
+
+
+def test_read_sum():
+    data = np.random.default_rng(0).standard_normal(100_003).astype(np.float32)
+    assert native.read_sum(data) == pytest.approx(float(data.astype(np.float64).sum()), abs=1e-2)
 
 
 def test_silu_mul():

@@ -268,3 +268,27 @@ def test_batched_sessions_equal_single_runs(model_fp32, speech_5s, speech_40s):
         steps += 1
     for s, r in zip(sessions, singles):
         assert s.token_ids == r.token_ids and s.finish_reason == r.finish_reason
+
+
+def test_bf16_model_streams_exactly_over_its_bf16_cache(tiny_checkpoint, speech_40s, monkeypatch):
+    """The default CPU model (bf16 weights, float32 activations) keeps the decoder's keys
+    and values in bfloat16; a decode step reads them in place (native kernel on Linux), and
+    streaming still gives offline's tokens exactly."""
+    from mlx_voxtral import cpu, native
+
+    model = mlx_voxtral.load(tiny_checkpoint)
+    assert model.decoder.cache_dtype == mx.bfloat16
+    caches = model.decoder.make_cache()
+    assert all(c.dtype == mx.bfloat16 for c in caches)
+    calls = []
+    if cpu.cpu_kernels_wanted():
+        real = native.attention_one
+        monkeypatch.setattr(native, "attention_one", lambda *a: calls.append(1) or real(*a))
+    offline = mlx_voxtral.transcribe(model, speech_40s)
+    assert len(offline.token_ids) > 100
+    assert not cpu.cpu_kernels_wanted() or len(calls) >= len(offline.token_ids)
+    audio = load_audio(speech_40s)
+    events, result = _collect(stream_transcribe(model, _chunks(audio, _random_sizes(7))))
+    assert result.token_ids == offline.token_ids
+    fp32 = mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32)
+    assert fp32.decoder.cache_dtype is None
