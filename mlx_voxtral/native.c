@@ -416,36 +416,35 @@ INLINE v8 exp8(v8 x) {
 }
 INLINE float exp1(float x) { v8 v = exp8((v8){0} + x); return v[0]; }
 
-/* scores[r][j] for R query rows against 16 keys: kt is K^T ([D][ldk]) at the first key. */
-INLINE void att_scores(const int R, int D, const float* q, int ldq, const float* kt, int ldk,
-                       float* s, int lds) {
-  v8 acc[ATT_ROWS][2];
-  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v8){0};
-  for (int d = 0; d < D; d++) {
-    v8 k0 = load8(kt + (size_t)d * ldk), k1 = load8(kt + (size_t)d * ldk + 8);
-    for (int r = 0; r < R; r++) {
-      v8 qb = (v8){0} + q[(size_t)r * ldq + d];
-      acc[r][0] = fma8(qb, k0, acc[r][0]);
-      acc[r][1] = fma8(qb, k1, acc[r][1]);
-    }
+/* s[0:n] = exp((s - max s) scale), unnormalized; returns 1 / their sum. The sum runs in 8
+   lanes from s[0], so it depends only on the span's values. */
+INLINE float softmax_span(float* s, int n, float scale) {
+  float m = s[0];
+  for (int j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
+  v8 sum = (v8){0};
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    v8 e = exp8((load8(s + j) - m) * scale);
+    memcpy(s + j, &e, 32);
+    sum += e;
   }
-  for (int r = 0; r < R; r++) {
-    memcpy(s + (size_t)r * lds, &acc[r][0], 32);
-    memcpy(s + (size_t)r * lds + 8, &acc[r][1], 32);
-  }
+  float tail = 0.0f;
+  for (; j < n; j++) tail += s[j] = exp1((s[j] - m) * scale);
+  return 1.0f / (hsum(sum) + tail);
 }
 
-/* out[r][0:16] = sum_j p[r][j] v[j][0:16] over keys [j0, j1). */
-INLINE void att_values(const int R, int j0, int j1, const float* p, int ldp, const float* v, int ldv,
-                       float* out, int ldo) {
+/* out[r][0:16] = sum_t a[r][t] b[t][0:16] over t in [t0, t1): the R x 16 register tile of
+   both attention products (scores: a = q, b = K^T; values: a = probabilities, b = V). */
+INLINE void att_product(const int R, int t0, int t1, const float* a, int lda, const float* b, int ldb,
+                        float* out, int ldo) {
   v8 acc[ATT_ROWS][2];
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v8){0};
-  for (int j = j0; j < j1; j++) {
-    v8 v0 = load8(v + (size_t)j * ldv), v1 = load8(v + (size_t)j * ldv + 8);
+  for (int t = t0; t < t1; t++) {
+    v8 b0 = load8(b + (size_t)t * ldb), b1 = load8(b + (size_t)t * ldb + 8);
     for (int r = 0; r < R; r++) {
-      v8 pb = (v8){0} + p[(size_t)r * ldp + j];
-      acc[r][0] = fma8(pb, v0, acc[r][0]);
-      acc[r][1] = fma8(pb, v1, acc[r][1]);
+      v8 ab = (v8){0} + a[(size_t)r * lda + t];
+      acc[r][0] = fma8(ab, b0, acc[r][0]);
+      acc[r][1] = fma8(ab, b1, acc[r][1]);
     }
   }
   for (int r = 0; r < R; r++) {
@@ -461,28 +460,17 @@ INLINE void att_tile(const int R, int D, int window, float scale, int pos0, int 
   int hi = pos0 + R - 1 - jlo;                                       /* last row's last key */
   int jb0 = lo0 & ~15;
   for (int jb = jb0; jb <= hi; jb += 16)
-    att_scores(R, D, q, D, kt + jlo + jb, ldk, s + jb, lds);
+    att_product(R, 0, D, q, D, kt + jlo + jb, ldk, s + jb, lds);
   float inv[ATT_ROWS];
   for (int r = 0; r < R; r++) {
     float* sr = s + (size_t)r * lds;
-    int a = pos0 + r - window + 1 > jlo ? pos0 + r - window + 1 - jlo : 0, b = pos0 + r - jlo + 1;
-    float m = sr[a];
-    for (int j = a + 1; j < b; j++) m = sr[j] > m ? sr[j] : m;
-    v8 sum = (v8){0};
-    int j = a;
-    for (; j + 8 <= b; j += 8) {
-      v8 e = exp8((load8(sr + j) - m) * scale);
-      memcpy(sr + j, &e, 32);
-      sum += e;
-    }
-    float tail = 0.0f;
-    for (; j < b; j++) tail += sr[j] = exp1((sr[j] - m) * scale);
-    inv[r] = 1.0f / (hsum(sum) + tail);
+    int a = pos0 + r - window + 1 > jlo ? pos0 + r - window + 1 - jlo : 0, b = pos0 + r - jlo + 1, j;
+    inv[r] = softmax_span(sr + a, b - a, scale);
     for (j = lo0; j < a; j++) sr[j] = 0.0f;
     for (j = b; j <= hi; j++) sr[j] = 0.0f;
   }
   for (int dd = 0; dd < D; dd += 16)
-    att_values(R, lo0, hi + 1, s, lds, v + (size_t)jlo * D + dd, D, out + dd, ldo);
+    att_product(R, lo0, hi + 1, s, lds, v + (size_t)jlo * D + dd, D, out + dd, ldo);
   for (int r = 0; r < R; r++)
     for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] *= inv[r];
 }
@@ -593,19 +581,7 @@ INLINE void one_group(const int G, int n, int D, float scale, const float* q, co
   float inv[4];
   one_scores(G, n, D, q, k, s);
   for (int g = 0; g < G; g++) {
-    float* sg = s + (size_t)g * n;
-    float m = sg[0];
-    for (int j = 1; j < n; j++) m = sg[j] > m ? sg[j] : m;
-    v8 sum = (v8){0};
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-      v8 e = exp8((load8(sg + j) - m) * scale);
-      memcpy(sg + j, &e, 32);
-      sum += e;
-    }
-    float tail = 0.0f;
-    for (; j < n; j++) tail += sg[j] = exp1((sg[j] - m) * scale);
-    inv[g] = 1.0f / (hsum(sum) + tail);
+    inv[g] = softmax_span(s + (size_t)g * n, n, scale);
   }
   one_values(G, n, D, s, inv, v, out, D);
 }
