@@ -119,10 +119,10 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
                      const void* biases, int bf16, float* y) {
   const int vpw = 32 / bits, blk = 8 * vpw;
   int KG = K / G;
-  v8 tot[4] = {0}, acc[4];
+  v8 tot[4] = {0}, even[4], odd[4];  /* two chains per group: even and odd slots */
   float bias_dot[4] = {0};
   for (int g = 0; g < KG; g++) {
-    for (int r = 0; r < R; r++) acc[r] = (v8){0};
+    for (int r = 0; r < R; r++) even[r] = odd[r] = (v8){0};
     for (int b = g * G; b < (g + 1) * G; b += blk) {
       v8u v;
       memcpy(&v, row + b / vpw, 32);
@@ -131,23 +131,20 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
         v8 q4 = QS(v, 16, 15u), q5 = QS(v, 20, 15u), q6 = QS(v, 24, 15u), q7 = QT(v, 28);
         for (int r = 0; r < R; r++) {
           const float* xb = xp + (size_t)(m0 + r) * K + b;
-          v8 a = fma8(q0, load8(xb), acc[r]);
-          a = fma8(q1, load8(xb + 8), a);
-          a = fma8(q2, load8(xb + 16), a);
-          a = fma8(q3, load8(xb + 24), a);
-          a = fma8(q4, load8(xb + 32), a);
-          a = fma8(q5, load8(xb + 40), a);
-          a = fma8(q6, load8(xb + 48), a);
-          acc[r] = fma8(q7, load8(xb + 56), a);
+          v8 e = fma8(q0, load8(xb), even[r]), o = fma8(q1, load8(xb + 8), odd[r]);
+          e = fma8(q2, load8(xb + 16), e);
+          o = fma8(q3, load8(xb + 24), o);
+          e = fma8(q4, load8(xb + 32), e);
+          o = fma8(q5, load8(xb + 40), o);
+          even[r] = fma8(q6, load8(xb + 48), e);
+          odd[r] = fma8(q7, load8(xb + 56), o);
         }
       } else {
         v8 q0 = QS(v, 0, 255u), q1 = QS(v, 8, 255u), q2 = QS(v, 16, 255u), q3 = QT(v, 24);
         for (int r = 0; r < R; r++) {
           const float* xb = xp + (size_t)(m0 + r) * K + b;
-          v8 a = fma8(q0, load8(xb), acc[r]);
-          a = fma8(q1, load8(xb + 8), a);
-          a = fma8(q2, load8(xb + 16), a);
-          acc[r] = fma8(q3, load8(xb + 24), a);
+          even[r] = fma8(q2, load8(xb + 16), fma8(q0, load8(xb), even[r]));
+          odd[r] = fma8(q3, load8(xb + 24), fma8(q1, load8(xb + 8), odd[r]));
         }
       }
     }
@@ -156,7 +153,7 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
     float bb = bf16 ? bf16_to_f32(((const uint16_t*)biases)[i]) : ((const float*)biases)[i];
     v8 sv = (v8){0} + s;
     for (int r = 0; r < R; r++) {
-      tot[r] = fma8(sv, acc[r], tot[r]);
+      tot[r] = fma8(sv, even[r] + odd[r], tot[r]);
       bias_dot[r] += bb * xs[(size_t)(m0 + r) * KG + g];
     }
   }
