@@ -292,3 +292,25 @@ def test_bf16_model_streams_exactly_over_its_bf16_cache(tiny_checkpoint, speech_
     assert result.token_ids == offline.token_ids
     fp32 = mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32)
     assert fp32.decoder.cache_dtype is None
+
+
+def test_kv_cache_keeps_only_its_window():
+    """A block longer than the window leaves the cache holding a copy of the window, not a
+    view that keeps the whole block's keys alive (the encoder's 30 s blocks are 1500 keys
+    for a 750-key window)."""
+    from mlx_voxtral.cache import KVCache
+
+    cache = KVCache(window=100)
+    keys = mx.random.normal((1, 8, 1000, 64))
+    values = mx.random.normal((1, 8, 1000, 64))
+    all_k, all_v, mask = cache.update_and_fetch(keys, values)
+    mx.eval(all_k, all_v)
+    assert mask.shape == (1000, 1000) and all_k.shape[2] == 1000
+    assert np.array_equal(np.array(cache.keys), np.array(keys[:, :, -100:]))
+    block = keys.nbytes + values.nbytes + all_k.nbytes + all_v.nbytes
+    before = mx.get_active_memory()
+    del keys, values, all_k, all_v
+    assert before - mx.get_active_memory() >= 0.9 * block  # the block is freed, the window stays
+    assert cache.nbytes == 2 * 8 * 100 * 64 * 4
+    k, _, mask = cache.update_and_fetch(mx.zeros((1, 8, 3, 64)), mx.zeros((1, 8, 3, 64)))
+    assert k.shape[2] == 102 and mask.shape == (3, 102)  # 99 kept keys + 3 new, banded
