@@ -210,9 +210,10 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(active, waiting) jobs."""
+        """(active, waiting) jobs. A job that has answered counts no more, even before the
+        worker thread drops it at the end of its step."""
         with self._lock:
-            return len(self._active), len(self._pending)
+            return sum(not self._finished(j) for j in self._active), len(self._pending)
 
     def close(self) -> None:
         """Stop the worker; jobs still running fail with ``EngineClosedError``."""
@@ -255,9 +256,9 @@ class Engine:
         return job.cancelled or job.closed
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        job._emit(Failed(error))
         job.session = None
         job.closed = True
+        job._emit(Failed(error))
 
     def _prepare(self, job: Job) -> bool:
         """Drop a cancelled or late job; start its session; give it audio. False: drop it."""
@@ -351,6 +352,6 @@ class Engine:
         job.fed = 0
         job.session = None
         if job.live or part.finish_reason == "length" or job.part >= len(job.audios):
+            job.closed = True  # leaves the active set (before the client can see its answer)
             job._emit(Finished(job.results))
-            job.closed = True  # leaves the active set
         # else the next audio of the request gets its session at the next step
