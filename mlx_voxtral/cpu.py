@@ -82,7 +82,7 @@ class CPUAttention(Attention):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache: KVCache) -> mx.array:
         if q.shape[2] == 1:
-            if cache.keys.dtype != mx.bfloat16 or not native.attention_one_supported(self.head_dim):
+            if cache.keys.dtype != mx.bfloat16 or not native.attention_supported(self.head_dim):
                 return super().attend(q, k, v, mask, cache)
             # the cache's whole buffers (k and v are views of their first len(cache) keys)
             q = q.astype(mx.float32)

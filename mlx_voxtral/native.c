@@ -362,10 +362,8 @@ int mlx_voxtral_bf16mm(int M, int N, int K, const float* x, const uint16_t* w, f
         const uint16_t* src = w + (size_t)(n0 + r) * K;
         float* dst = tile + (size_t)r * K;
         for (int k = 0; k < K8; k += 8) {
-          v8h h;
-          memcpy(&h, src + k, 16);
-          v8u u = __builtin_convertvector(h, v8u) << 16;
-          memcpy(dst + k, &u, 32);
+          v8 f = bf16x8(src + k);
+          memcpy(dst + k, &f, 32);
         }
         for (int k = K8; k < K; k++) dst[k] = bf16_to_f32(src[k]);
       }

@@ -166,6 +166,7 @@ def use_system_blas() -> Optional[str]:
             with _passive_openmp():
                 lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             if lib.mlx_voxtral_blas_init(name.encode()) == 0:
+                lib.mlx_voxtral_read_sum.restype = ctypes.c_float
                 library, _lib = str(path), lib
         except OSError:
             pass
@@ -227,7 +228,8 @@ def quantized_supported(group_size: int, bits: int) -> bool:
 
 
 def attention_supported(head_dim: int) -> bool:
-    """Whether the native attention handles this head size (a multiple of 16)."""
+    """Whether the native attention kernels (many queries, and one query over a bfloat16
+    cache) handle this head size (a multiple of 16)."""
     return head_dim % 16 == 0
 
 
@@ -257,11 +259,6 @@ def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return y
 
 
-def attention_one_supported(head_dim: int) -> bool:
-    """Whether the single-query kernel over a bfloat16 cache handles this head size."""
-    return head_dim % 16 == 0
-
-
 def attention_one(q: np.ndarray, k, v, n: int, scale: float) -> np.ndarray:
     """One query per head over a bfloat16 KV cache: float32 ``q`` [H, D]; ``k``/``v`` the
     cache's evaluated, row-contiguous bfloat16 MLX buffers [Hkv, capacity, D] of which the
@@ -285,5 +282,4 @@ def attention_one(q: np.ndarray, k, v, n: int, scale: float) -> np.ndarray:
 def read_sum(data: np.ndarray) -> float:
     """Sum a float32 array on all cores, reading it once (the read-bandwidth probe)."""
     data = np.ascontiguousarray(data, dtype=np.float32)
-    _lib.mlx_voxtral_read_sum.restype = ctypes.c_float
     return float(_lib.mlx_voxtral_read_sum(data.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(data.size)))

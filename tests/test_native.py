@@ -135,7 +135,7 @@ def test_attention_one_over_a_bf16_cache(heads, kv_heads, keys, capacity, head_d
 
 
 def test_attention_rejects_unsupported_shapes():
-    assert not native.attention_supported(24) and not native.attention_one_supported(24)
+    assert not native.attention_supported(24)
     with pytest.raises(ValueError, match="no native attention"):
         native.attention(*(np.zeros((2, 4, 24), np.float32) for _ in "qkv"), 1.0, 4)
 
