@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -54,6 +54,8 @@ class AudioEncoder(nn.Module):
     def __init__(self, args: EncoderArgs):
         super().__init__()
         self.args = args
+        # dtype the KV caches store (None: the activations'); see ``Decoder.cache_dtype``
+        self.cache_dtype: Optional[mx.Dtype] = None
         n_mels = args.audio_encoding_args.num_mel_bins
         self.conv_layers = [
             CausalConv1d(n_mels, args.dim, kernel_size=3, stride=1),
@@ -65,7 +67,7 @@ class AudioEncoder(nn.Module):
     def make_cache(self) -> tuple[list[ConvCache], list[KVCache]]:
         return (
             [ConvCache() for _ in self.conv_layers],
-            [KVCache(self.args.sliding_window) for _ in self.layers],
+            [KVCache(self.args.sliding_window, self.cache_dtype) for _ in self.layers],
         )
 
     def conv_stem(self, mel: mx.array, conv_caches: Sequence[ConvCache]) -> mx.array:

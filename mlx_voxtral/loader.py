@@ -214,10 +214,10 @@ def load(
     args.quantization = config
     wk = model.decoder.layers[0].attention.wk
     if float_dtype is not None and (isinstance(wk, nn.QuantizedLinear) or wk.weight.dtype != mx.float32):
-        # float32 activations over half-precision or quantized weights: the decoder's keys
-        # and values are kept in bfloat16 (half the memory and the reads of a float32 cache,
-        # 0.87 GB for the full 8192-position window)
-        model.decoder.cache_dtype = mx.bfloat16
+        # float32 activations over half-precision or quantized weights: keys and values are
+        # kept in bfloat16, half the memory and the reads of a float32 cache (the decoder's
+        # full 8192-position window 0.87 GB, the encoder's 750 positions 0.2 GB per stream)
+        model.decoder.cache_dtype = model.encoder.cache_dtype = mx.bfloat16
     if on_cpu and cpu_kernels_wanted():
         use_cpu_kernels(model)
     model.eval()

@@ -271,14 +271,14 @@ def test_batched_sessions_equal_single_runs(model_fp32, speech_5s, speech_40s):
 
 
 def test_bf16_model_streams_exactly_over_its_bf16_cache(tiny_checkpoint, speech_40s, monkeypatch):
-    """The default CPU model (bf16 weights, float32 activations) keeps the decoder's keys
-    and values in bfloat16; a decode step reads them in place (native kernel on Linux), and
-    streaming still gives offline's tokens exactly."""
+    """The default CPU model (bf16 weights, float32 activations) keeps the encoder's and
+    the decoder's keys and values in bfloat16; a decode step reads them in place (native
+    kernel on Linux), and streaming still gives offline's tokens exactly."""
     from mlx_voxtral import cpu, native
 
     model = mlx_voxtral.load(tiny_checkpoint)
-    assert model.decoder.cache_dtype == mx.bfloat16
-    caches = model.decoder.make_cache()
+    assert model.decoder.cache_dtype == model.encoder.cache_dtype == mx.bfloat16
+    caches = model.decoder.make_cache() + model.encoder.make_cache()[1]
     assert all(c.dtype == mx.bfloat16 for c in caches)
     calls = []
     if cpu.cpu_kernels_wanted():
@@ -291,7 +291,7 @@ def test_bf16_model_streams_exactly_over_its_bf16_cache(tiny_checkpoint, speech_
     events, result = _collect(stream_transcribe(model, _chunks(audio, _random_sizes(7))))
     assert result.token_ids == offline.token_ids
     fp32 = mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32)
-    assert fp32.decoder.cache_dtype is None
+    assert fp32.decoder.cache_dtype is None and fp32.encoder.cache_dtype is None
 
 
 def test_kv_cache_keeps_only_its_window():
