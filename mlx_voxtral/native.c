@@ -61,6 +61,13 @@ INLINE v8 fma8(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256
 INLINE v8 fma8(v8 a, v8 b, v8 c) { return a * b + c; }
 #endif
 
+/* Weights stream from memory once per product: asking for them 6 KB ahead (one line per
+   line read, kept out of the outer caches) lets a long row run at the memory bandwidth
+   where the hardware prefetcher alone fell behind (bfloat16 3072 x 9216: 18 -> 49 GB/s,
+   9216 x 3072: 46 -> 52 GB/s; measured 2-6 KB, 6 KB best overall). */
+#define PREFETCH_AHEAD 6144
+INLINE void prefetch_ahead(const void* p) { __builtin_prefetch((const char*)p + PREFETCH_AHEAD, 0, 0); }
+
 /* C = alpha A B^T + beta C for M <= FEW_ROWS rows: A [M, K], B [N, K] row-major. Each
    thread streams its share of B's rows, 4 at a time, in K blocks that stay in L1 while
    every pair of A rows is multiplied with them. Rows are computed independently, so a
@@ -126,6 +133,7 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
     for (int b = g * G; b < (g + 1) * G; b += blk) {
       v8u v;
       memcpy(&v, row + b / vpw, 32);
+      if (b % (16 * vpw) == 0) prefetch_ahead(row + b / vpw);
       if (bits == 4) {
         v8 q0 = QS(v, 0, 15u), q1 = QS(v, 4, 15u), q2 = QS(v, 8, 15u), q3 = QS(v, 12, 15u);
         v8 q4 = QS(v, 16, 15u), q5 = QS(v, 20, 15u), q6 = QS(v, 24, 15u), q7 = QT(v, 28);
@@ -291,6 +299,7 @@ static void bf16_one_row(int N, int K, const float* x, const uint16_t* w, float*
     const uint16_t* r = w + (size_t)n * K;
     v8 a0 = (v8){0}, a1 = (v8){0}, a2 = (v8){0}, a3 = (v8){0};
     for (int k = 0; k < K32; k += BF16_SPAN) {
+      prefetch_ahead(r + k);
       a0 = fma8(bf16x8(r + k), load8(x + k), a0);
       a1 = fma8(bf16x8(r + k + 8), load8(x + k + 8), a1);
       a2 = fma8(bf16x8(r + k + 16), load8(x + k + 16), a2);
@@ -311,6 +320,7 @@ INLINE void bf16_tile(const int R, int K, int K32, const float* x, const uint16_
   v8 c[BF16_TILE][4];
   for (int i = 0; i < R; i++) c[i][0] = c[i][1] = c[i][2] = c[i][3] = (v8){0};
   for (int k = 0; k < K32; k += BF16_SPAN) {
+    prefetch_ahead(row + k);
     v8 w0 = bf16x8(row + k), w1 = bf16x8(row + k + 8), w2 = bf16x8(row + k + 16), w3 = bf16x8(row + k + 24);
     for (int i = 0; i < R; i++) {
       const float* xr = x + (size_t)i * K + k;
