@@ -112,90 +112,147 @@ static void few_rows_sgemm_nt(int M, int N, int K, float alpha, const float* A, 
 }
 
 /* ---- quantized (MLX affine layout): w [N, K * bits / 32] uint32, value j of a word at bits
-   [bits * j, bits * (j + 1)); scales/biases [N, K / G], w = scale * q + bias per group. ---- */
-#define Q(v, shift, mask) __builtin_convertvector((v8i)(((v) >> (shift)) & (mask)), v8)
+   [bits * j, bits * (j + 1)); scales/biases [N, K / G], w = scale * q + bias per group.
+   The kernels take 16 words (one 64-byte line) at a time: slot j of the 16 words meets 16
+   contiguous values of x permuted to match (xp, rows padded to whole blocks with zeros).
+   Groups are whole multiples of 8 words, so lanes 0-7 and 8-15 each lie in one group and
+   the scales are applied per lane. ---- */
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+INLINE v16 load16(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
+/* (shuffles, not memcpy: an address taken kept the totals in memory, a store and a load
+   per block on their chain) */
+INLINE v8 lo8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+INLINE v8 hi8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+INLINE float hsum16(v16 v) { return hsum(lo8(v) + hi8(v)); }
+#if defined(__AVX512F__)
+INLINE v16 fma16(v16 a, v16 b, v16 c) { return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#else
+INLINE v16 fma16(v16 a, v16 b, v16 c) {
+  v8 lo = fma8(lo8(a), lo8(b), lo8(c)), hi = fma8(hi8(a), hi8(b), hi8(c));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
+#define Q(v, shift, mask) __builtin_convertvector((v16i)(((v) >> (shift)) & (mask)), v16)
 /* Slot value times 2^shift, one integer op fewer than Q (exact: a few significant bits);
    the few-row kernels meet it with x scaled by 2^-shift, so the products are q x exactly. */
-#define QS(v, shift, mask) __builtin_convertvector((v8i)((v) & ((mask) << (shift))), v8)
-#define QT(v, shift) __builtin_convertvector((v8i)((v) >> (shift)), v8)
+#define QS(v, shift, mask) __builtin_convertvector((v16i)((v) & ((mask) << (shift))), v16)
+#define QT(v, shift) __builtin_convertvector((v16i)((v) >> (shift)), v16)
+#define QBLOCK 16 /* words per block */
 
-/* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining). xp holds x with
-   each block of 8 words' values reordered so one unpacked slot meets 8 contiguous x. */
-INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, int G,
-                     const float* xp, const float* xs, const uint32_t* row, const void* scales,
-                     const void* biases, int bf16, float* y) {
-  const int vpw = 32 / bits, blk = 8 * vpw;
-  int KG = K / G;
-  v8 tot[4] = {0}, even[4], odd[4];  /* two chains per group: even and odd slots */
-  float bias_dot[4] = {0};
-  for (int g = 0; g < KG; g++) {
-    for (int r = 0; r < R; r++) even[r] = odd[r] = (v8){0};
-    for (int b = g * G; b < (g + 1) * G; b += blk) {
-      v8u v;
-      memcpy(&v, row + b / vpw, 32);
-      if (b % (16 * vpw) == 0) prefetch_ahead(row + b / vpw);
-      if (bits == 4) {
-        v8 q0 = QS(v, 0, 15u), q1 = QS(v, 4, 15u), q2 = QS(v, 8, 15u), q3 = QS(v, 12, 15u);
-        v8 q4 = QS(v, 16, 15u), q5 = QS(v, 20, 15u), q6 = QS(v, 24, 15u), q7 = QT(v, 28);
-        for (int r = 0; r < R; r++) {
-          const float* xb = xp + (size_t)(m0 + r) * K + b;
-          v8 e = fma8(q0, load8(xb), even[r]), o = fma8(q1, load8(xb + 8), odd[r]);
-          e = fma8(q2, load8(xb + 16), e);
-          o = fma8(q3, load8(xb + 24), o);
-          e = fma8(q4, load8(xb + 32), e);
-          o = fma8(q5, load8(xb + 40), o);
-          even[r] = fma8(q6, load8(xb + 48), e);
-          odd[r] = fma8(q7, load8(xb + 56), o);
-        }
-      } else {
-        v8 q0 = QS(v, 0, 255u), q1 = QS(v, 8, 255u), q2 = QS(v, 16, 255u), q3 = QT(v, 24);
-        for (int r = 0; r < R; r++) {
-          const float* xb = xp + (size_t)(m0 + r) * K + b;
-          even[r] = fma8(q2, load8(xb + 16), fma8(q0, load8(xb), even[r]));
-          odd[r] = fma8(q3, load8(xb + 24), fma8(q1, load8(xb + 8), odd[r]));
-        }
-      }
-    }
-    size_t i = (size_t)n * KG + g;
-    float s = bf16 ? bf16_to_f32(((const uint16_t*)scales)[i]) : ((const float*)scales)[i];
-    float bb = bf16 ? bf16_to_f32(((const uint16_t*)biases)[i]) : ((const float*)biases)[i];
-    v8 sv = (v8){0} + s;
-    for (int r = 0; r < R; r++) {
-      tot[r] = fma8(sv, even[r] + odd[r], tot[r]);
-      bias_dot[r] += bb * xs[(size_t)(m0 + r) * KG + g];
-    }
-  }
-  for (int r = 0; r < R; r++) y[(size_t)(m0 + r) * N + n] = hsum(tot[r]) + bias_dot[r];
+INLINE float qparam(const void* p, size_t i, int bf16) {
+  return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
-INLINE void qmv_bits(const int bits, int M, int N, int K, int G, const float* xp, const float* xs,
-                     const uint32_t* w, const void* scales, const void* biases, int bf16, float* y) {
+/* The block at word w0 of row n: its words (a last half block padded with zeros) and the
+   per-lane scale and bias (zero past the row's end). half_group[h]: the group of words
+   [8 h, 8 h + 8). */
+INLINE v16u qblock(const uint32_t* row, int w0, int words, int n, int KG, const int* half_group,
+                   const void* scales, const void* biases, int bf16, v16* sv, v16* cv) {
+  v16u v;
+  int full = words - w0 >= QBLOCK;
+  if (full) {
+    memcpy(&v, row + w0, 64);
+  } else {
+    v8u lo;
+    memcpy(&lo, row + w0, 32);
+    v = __builtin_shufflevector(lo, (v8u){0}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  size_t ga = (size_t)n * KG + half_group[w0 / 8], gb = (size_t)n * KG + half_group[w0 / 8 + full];
+  float sa = qparam(scales, ga, bf16), sb = full ? qparam(scales, gb, bf16) : 0.0f;
+  *sv = (v16){sa, sa, sa, sa, sa, sa, sa, sa, sb, sb, sb, sb, sb, sb, sb, sb};
+  if (cv) {
+    float ca = qparam(biases, ga, bf16), cb = full ? qparam(biases, gb, bf16) : 0.0f;
+    *cv = (v16){ca, ca, ca, ca, ca, ca, ca, ca, cb, cb, cb, cb, cb, cb, cb, cb};
+  }
+  return v;
+}
+
+/* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining): per block two
+   chains (even and odd slots) scaled per lane into one total; the biases meet the sums of
+   x's groups (xs) at the end. */
+INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, int Kp, int G,
+                     const float* xp, const float* xs, const uint32_t* row, const void* scales,
+                     const void* biases, int bf16, const int* half_group, float* y) {
+  const int vpw = 32 / bits, words = K / vpw, KG = K / G;
+  v16 tot[4] = {0};
+  for (int w0 = 0; w0 < words; w0 += QBLOCK) {
+    prefetch_ahead(row + w0);
+    v16 sv;
+    v16u v = qblock(row, w0, words, n, KG, half_group, scales, biases, bf16, &sv, NULL);
+    const float* xb0 = xp + (size_t)w0 * vpw;
+    if (bits == 4) {
+      v16 q0 = QS(v, 0, 15u), q1 = QS(v, 4, 15u), q2 = QS(v, 8, 15u), q3 = QS(v, 12, 15u);
+      v16 q4 = QS(v, 16, 15u), q5 = QS(v, 20, 15u), q6 = QS(v, 24, 15u), q7 = QT(v, 28);
+      for (int r = 0; r < R; r++) {
+        const float* xb = xb0 + (size_t)(m0 + r) * Kp;
+        v16 e = q0 * load16(xb), o = q1 * load16(xb + 16);
+        e = fma16(q2, load16(xb + 32), e);
+        o = fma16(q3, load16(xb + 48), o);
+        e = fma16(q4, load16(xb + 64), e);
+        o = fma16(q5, load16(xb + 80), o);
+        e = fma16(q6, load16(xb + 96), e);
+        o = fma16(q7, load16(xb + 112), o);
+        tot[r] = fma16(sv, e + o, tot[r]);
+      }
+    } else {
+      v16 q0 = QS(v, 0, 255u), q1 = QS(v, 8, 255u), q2 = QS(v, 16, 255u), q3 = QT(v, 24);
+      for (int r = 0; r < R; r++) {
+        const float* xb = xb0 + (size_t)(m0 + r) * Kp;
+        v16 e = fma16(q2, load16(xb + 32), q0 * load16(xb));
+        v16 o = fma16(q3, load16(xb + 48), q1 * load16(xb + 16));
+        tot[r] = fma16(sv, e + o, tot[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const float* s = xs + (size_t)(m0 + r) * KG;
+    float bias_dot = 0;
+    for (int g = 0; g < KG; g++) bias_dot += qparam(biases, (size_t)n * KG + g, bf16) * s[g];
+    y[(size_t)(m0 + r) * N + n] = hsum16(tot[r]) + bias_dot;
+  }
+}
+
+/* One function per (bits, rows): compiled apart, each keeps its chains in registers
+   (inlined into one parallel loop they spilled: 82 -> ... ms per decode step). */
+#define QMV_ARGS int m0, int n, int N, int K, int Kp, int G, const float* xp, const float* xs, \
+                 const uint32_t* row, const void* scales, const void* biases, int bf16, const int* half_group, float* y
+#define QMV_DEF(bits, R) \
+  static __attribute__((noinline)) void qmv_##bits##_##R(QMV_ARGS) { \
+    qmv_part(R, bits, m0, n, N, K, Kp, G, xp, xs, row, scales, biases, bf16, half_group, y); \
+  }
+QMV_DEF(4, 1) QMV_DEF(4, 2) QMV_DEF(4, 3) QMV_DEF(4, 4)
+QMV_DEF(8, 1) QMV_DEF(8, 2) QMV_DEF(8, 3) QMV_DEF(8, 4)
+typedef void (*qmv_fn)(QMV_ARGS);
+
+static void qmv_rows(int bits, int M, int N, int K, int Kp, int G, const float* xp, const float* xs,
+                     const uint32_t* w, const void* scales, const void* biases, int bf16,
+                     const int* half_group, float* y) {
+  static const qmv_fn fns[2][4] = {{qmv_4_1, qmv_4_2, qmv_4_3, qmv_4_4}, {qmv_8_1, qmv_8_2, qmv_8_3, qmv_8_4}};
+  const qmv_fn* f = fns[bits == 8];
   int words = K / (32 / bits);
   #pragma omp parallel for schedule(static)
   for (int n = 0; n < N; n++) {
     const uint32_t* row = w + (size_t)n * words;
-    for (int m0 = 0; m0 < M; m0 += 4) {
-      switch (M - m0 < 4 ? M - m0 : 4) {
-        case 1: qmv_part(1, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
-        case 2: qmv_part(2, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
-        case 3: qmv_part(3, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
-        default: qmv_part(4, bits, m0, n, N, K, G, xp, xs, row, scales, biases, bf16, y); break;
-      }
-    }
+    for (int m0 = 0; m0 < M; m0 += 4)
+      f[(M - m0 < 4 ? M - m0 : 4) - 1](m0, n, N, K, Kp, G, xp, xs, row, scales, biases, bf16, half_group, y);
   }
 }
 
-/* x with each block of 8 words' values reordered (value vpw * i + j of a block, word i slot j,
-   goes to j * 8 + i) so that one unpacked slot of 8 words meets 8 contiguous values. */
-static void permute_blocks(int M, int K, int bits, const float* x, float* xp, int prescale) {
-  int vpw = 32 / bits, blk = 8 * vpw;
+/* x with each block's values reordered (value vpw * i + j of a block, word i slot j, goes
+   to j * 16 + i) so that one unpacked slot of 16 words meets 16 contiguous values; rows
+   padded to Kp with zeros. */
+static void permute_blocks(int M, int K, int Kp, int bits, const float* x, float* xp, int prescale) {
+  int vpw = 32 / bits, blk = QBLOCK * vpw;
   for (int m = 0; m < M; m++)
-    for (int b = 0; b < K; b += blk)
-      for (int i = 0; i < 8; i++)
+    for (int b = 0; b < Kp; b += blk)
+      for (int i = 0; i < QBLOCK; i++)
         for (int j = 0; j < vpw; j++) {
-          float v = x[(size_t)m * K + b + vpw * i + j];
+          int k = b + vpw * i + j;
+          float v = k < K ? x[(size_t)m * K + k] : 0.0f;
           /* slot j's values come as q 2^(bits j) (QS), except the top slot (QT) */
-          xp[(size_t)m * K + b + j * 8 + i] = prescale && j < vpw - 1 ? v * (1.0f / (float)(1u << (bits * j))) : v;
+          xp[(size_t)m * Kp + b + j * QBLOCK + i] = prescale && j < vpw - 1 ? v * (1.0f / (float)(1u << (bits * j))) : v;
         }
 }
 
@@ -203,64 +260,57 @@ static void permute_blocks(int M, int K, int bits, const float* x, float* xp, in
    x is permuted the same way) into a buffer that stays in cache, and multiply it with the
    BLAS. No full-size float copy of the weights is ever made. */
 #define TILE 512
-INLINE void dequantize_tile(const int bits, int n0, int nb, int K, int G, const uint32_t* w,
-                            const void* scales, const void* biases, int bf16, float* out) {
-  const int vpw = 32 / bits, blk = 8 * vpw;
-  int KG = K / G, words = K / vpw;
+INLINE void dequantize_tile(const int bits, int n0, int nb, int K, int Kp, int G, const uint32_t* w,
+                            const void* scales, const void* biases, int bf16, const int* half_group,
+                            float* out) {
+  const int vpw = 32 / bits, words = K / vpw, KG = K / G;
   #pragma omp parallel for schedule(static)
   for (int r = 0; r < nb; r++) {
     const uint32_t* row = w + (size_t)(n0 + r) * words;
-    float* o = out + (size_t)r * K;
-    const uint16_t* s16 = (const uint16_t*)scales + (size_t)(n0 + r) * KG;
-    const uint16_t* c16 = (const uint16_t*)biases + (size_t)(n0 + r) * KG;
-    const float* s32 = (const float*)scales + (size_t)(n0 + r) * KG;
-    const float* c32 = (const float*)biases + (size_t)(n0 + r) * KG;
-    for (int g = 0; g < KG; g++) {
-      float s = bf16 ? bf16_to_f32(s16[g]) : s32[g];
-      float c = bf16 ? bf16_to_f32(c16[g]) : c32[g];
-      for (int b = g * G; b < (g + 1) * G; b += blk) {
-        v8u v;
-        memcpy(&v, row + b / vpw, 32);
-        float* ob = o + b;
-        if (bits == 4) {
-          v8 q0 = Q(v, 0, 15u) * s + c, q1 = Q(v, 4, 15u) * s + c, q2 = Q(v, 8, 15u) * s + c, q3 = Q(v, 12, 15u) * s + c;
-          v8 q4 = Q(v, 16, 15u) * s + c, q5 = Q(v, 20, 15u) * s + c, q6 = Q(v, 24, 15u) * s + c, q7 = Q(v, 28, 15u) * s + c;
-          memcpy(ob, &q0, 32); memcpy(ob + 8, &q1, 32); memcpy(ob + 16, &q2, 32); memcpy(ob + 24, &q3, 32);
-          memcpy(ob + 32, &q4, 32); memcpy(ob + 40, &q5, 32); memcpy(ob + 48, &q6, 32); memcpy(ob + 56, &q7, 32);
-        } else {
-          v8 q0 = Q(v, 0, 255u) * s + c, q1 = Q(v, 8, 255u) * s + c, q2 = Q(v, 16, 255u) * s + c, q3 = Q(v, 24, 255u) * s + c;
-          memcpy(ob, &q0, 32); memcpy(ob + 8, &q1, 32); memcpy(ob + 16, &q2, 32); memcpy(ob + 24, &q3, 32);
-        }
+    float* o = out + (size_t)r * Kp;
+    for (int w0 = 0; w0 < words; w0 += QBLOCK) {
+      v16 s, c;
+      v16u v = qblock(row, w0, words, n0 + r, KG, half_group, scales, biases, bf16, &s, &c);
+      float* ob = o + (size_t)w0 * vpw;
+      for (int j = 0; j < vpw; j++) {
+        v16 q = (bits == 4 ? Q(v, 4 * j, 15u) : Q(v, 8 * j, 255u)) * s + c;
+        memcpy(ob + QBLOCK * j, &q, 64);
       }
     }
   }
 }
 
-static void dequantize_matmul(int bits, int M, int N, int K, int G, const float* xp, const uint32_t* w,
-                              const void* scales, const void* biases, int bf16, float* tile, float* y) {
+static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, const float* xp, const uint32_t* w,
+                              const void* scales, const void* biases, int bf16, const int* half_group,
+                              float* tile, float* y) {
   for (int n0 = 0; n0 < N; n0 += TILE) {
     int nb = N - n0 < TILE ? N - n0 : TILE;
-    if (bits == 4) dequantize_tile(4, n0, nb, K, G, w, scales, biases, bf16, tile);
-    else dequantize_tile(8, n0, nb, K, G, w, scales, biases, bf16, tile);
-    real_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, xp, K, tile, K, 0.0f, y + n0, N);
+    if (bits == 4) dequantize_tile(4, n0, nb, K, Kp, G, w, scales, biases, bf16, half_group, tile);
+    else dequantize_tile(8, n0, nb, K, Kp, G, w, scales, biases, bf16, half_group, tile);
+    real_sgemm(RowMajor, NoTrans, Trans, M, nb, Kp, 1.0f, xp, Kp, tile, Kp, 0.0f, y + n0, N);
   }
 }
 
-/* y [M, N] = x [M, K] @ dequantize(w)^T; xp [M, K] and xs [M, K / G] are scratch. Rows go
-   through the few-row kernel FEW_ROWS at a time up to MANY_ROWS, then through tiles and the
-   BLAS. Returns nonzero for an unsupported format. */
+/* y [M, N] = x [M, K] @ dequantize(w)^T; xp [M, Kp] (Kp: K rounded up to whole blocks of
+   16 words) and xs [M, K / G] are scratch. Rows go through the few-row kernel FEW_ROWS at
+   a time up to MANY_ROWS, then through tiles and the BLAS. Returns nonzero for an
+   unsupported format. */
 #define MANY_ROWS 64
 int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, float* xp, float* xs,
                     const uint32_t* w, const void* scales, const void* biases, int bf16, float* y) {
-  int vpw = 32 / bits, blk = 8 * vpw, KG = K / G;
-  if ((bits != 4 && bits != 8) || K % G || G % blk) return 1;
-  permute_blocks(M, K, bits, x, xp, M <= MANY_ROWS);
+  int vpw = 32 / bits, KG = K / G;
+  if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;
+  int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
+  int* half_group = malloc(sizeof(int) * (size_t)(halves + 1));
+  if (!half_group) return 2;
+  for (int h = 0; h <= halves; h++) half_group[h] = h * 8 * vpw / G < KG ? h * 8 * vpw / G : KG - 1;
+  permute_blocks(M, K, Kp, bits, x, xp, M <= MANY_ROWS);
   if (M > MANY_ROWS) {
-    float* tile = malloc(sizeof(float) * (size_t)TILE * K);
-    if (!tile) return 2;
-    dequantize_matmul(bits, M, N, K, G, xp, w, scales, biases, bf16, tile, y);
+    float* tile = malloc(sizeof(float) * (size_t)TILE * Kp);
+    if (tile) dequantize_matmul(bits, M, N, K, Kp, G, xp, w, scales, biases, bf16, half_group, tile, y);
     free(tile);
-    return 0;
+    free(half_group);
+    return tile ? 0 : 2;
   }
   for (int m = 0; m < M; m++)
     for (int g = 0; g < KG; g++) {
@@ -271,9 +321,9 @@ int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, float*
   for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
     int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
     /* the rows' outputs are columns [m0, m0 + mb) of y: compute into place via offsets */
-    if (bits == 4) qmv_bits(4, mb, N, K, G, xp + (size_t)m0 * K, xs + (size_t)m0 * KG, w, scales, biases, bf16, y + (size_t)m0 * N);
-    else qmv_bits(8, mb, N, K, G, xp + (size_t)m0 * K, xs + (size_t)m0 * KG, w, scales, biases, bf16, y + (size_t)m0 * N);
+    qmv_rows(bits, mb, N, K, Kp, G, xp + (size_t)m0 * Kp, xs + (size_t)m0 * KG, w, scales, biases, bf16, half_group, y + (size_t)m0 * N);
   }
+  free(half_group);
   return 0;
 }
 

@@ -209,7 +209,8 @@ def quantized_matmul(x: np.ndarray, weight, scales, biases, group_size: int, bit
     m, k = x.shape
     n = weight.shape[0]
     y = np.empty((m, n), np.float32)
-    xp = np.empty_like(x)
+    block = 16 * (32 // bits)  # values per 16-word block: xp's rows are whole blocks
+    xp = np.empty((m, -(-k // block) * block), np.float32)
     xs = np.empty((m, k // group_size), np.float32)
     is_bf16 = int(scales.itemsize == 2)
     status = _lib.mlx_voxtral_qmm(

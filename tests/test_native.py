@@ -35,14 +35,18 @@ def test_bf16_matmul(rows, k):
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("bits, group_size", [(4, 64), (4, 128), (8, 32), (8, 64), (8, 128)])
+# K = 576 (where it is whole groups): rows that end in half a 16-word block
+@pytest.mark.parametrize(
+    "bits, group_size, k",
+    [(b, g, k) for b, g in [(4, 64), (4, 128), (8, 32), (8, 64), (8, 128)] for k in (512, 576) if k % g == 0],
+)
 @pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float32])
-def test_quantized_matmul(rows, bits, group_size, scale_dtype):
-    w = mx.random.normal((260, 512), key=mx.random.key(bits)) * 0.05
+def test_quantized_matmul(rows, bits, group_size, k, scale_dtype):
+    w = mx.random.normal((260, k), key=mx.random.key(bits)) * 0.05
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
     scales, biases = scales.astype(scale_dtype), biases.astype(scale_dtype)
     mx.eval(wq, scales, biases)
-    x = np.random.default_rng(rows).standard_normal((rows, 512)).astype(np.float32)
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
     deq = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits)
     ref = x.astype(np.float64) @ np.array(deq).astype(np.float64).T
     assert native.quantized_supported(group_size, bits)
