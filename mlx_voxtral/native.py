@@ -8,8 +8,8 @@ are scalar loops, and its attention and elementwise ops run on one core. Measure
                                  MLX alone   with this module
 ===============================  ==========  ============================
 one row, float32                 20-39 ms    6-8 ms (OpenBLAS sgemv)
-one row, bfloat16                34-50 ms    1.45 ms (native, ~39 GB/s)
-one row, 4-bit (group 64)        26-32 ms    0.6-0.7 ms (native)
+one row, bfloat16                34-50 ms    1.25 ms (native, ~45 GB/s)
+one row, 4-bit (group 64)        26-32 ms    0.5-0.6 ms (native)
 eight rows, bfloat16                         4.4 ms (native)
 float32 matmul, 1024 rows        5 GFLOP/s   ~230 GFLOP/s (OpenBLAS)
 attention, 1500 x 2249 keys      1.65 s      62 ms (native, 32 heads)
