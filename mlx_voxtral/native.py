@@ -120,25 +120,33 @@ def _find_blas(choice: str) -> Optional[str]:
     return None
 
 
-@contextlib.contextmanager
-def _passive_openmp():
-    """Load OpenMP with idle threads that sleep rather than spin.
+# libgomp's spin count for idle threads (3000 and 20000 measured): long enough to bridge
+# most of the Python between a decode step's kernels, short enough not to hold a core
+# through the BLAS call after a kernel.
+SPIN_COUNT = "20000"
 
-    The kernels' OpenMP threads and OpenBLAS's own threads take turns on the same cores: by
-    default an OpenMP thread spins after its region, stealing a core from the BLAS call that
-    follows (measured 1500 x 1280 x 5120 with bf16 weights: 196 ms spinning, 93-110 ms
-    passive; decode kernels unchanged). libgomp reads the setting once, when it loads, so
-    the variable is set only for that moment. A user's own OMP_WAIT_POLICY or
-    GOMP_SPINCOUNT wins.
+
+@contextlib.contextmanager
+def _short_spin_openmp():
+    """Load OpenMP with idle threads that spin briefly, then sleep.
+
+    The kernels' OpenMP threads and OpenBLAS's own threads take turns on the same cores.
+    Spinning for long (libgomp's default, or active) steals a core from the BLAS call that
+    follows (a 30 s encoder block in bf16: 35 s with active threads, 19-20 s passive);
+    sleeping at once makes every kernel wait for its threads to wake (a 4-bit decode step:
+    121 ms passive, 96 ms active). A short spin gets both: encoder 18-20 s, decode 102 ms.
+    libgomp reads the settings once, when it loads, so the variables are set only for that
+    moment (OMP_WAIT_POLICY=passive for other OpenMP runtimes). A user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
     """
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         yield
         return
-    os.environ["OMP_WAIT_POLICY"] = "passive"
+    os.environ.update(OMP_WAIT_POLICY="passive", GOMP_SPINCOUNT=SPIN_COUNT)
     try:
         yield
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        del os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"]
 
 
 def use_system_blas() -> Optional[str]:
@@ -163,7 +171,7 @@ def use_system_blas() -> Optional[str]:
     path = None if _off(os.environ.get("MLX_VOXTRAL_NATIVE", "1")) else _build()
     if path is not None:
         try:
-            with _passive_openmp():
+            with _short_spin_openmp():
                 lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             if lib.mlx_voxtral_blas_init(name.encode()) == 0:
                 lib.mlx_voxtral_read_sum.restype = ctypes.c_float
