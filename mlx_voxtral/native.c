@@ -5,14 +5,16 @@
  *    handles badly -- a few rows times a large weight matrix, where it packs the whole
  *    matrix -- and passes everything else through.
  * 2. Matmuls for weights MLX's CPU backend multiplies slowly -- affine 4/8-bit quantized
- *    (MLX's packing) and bfloat16 -- with float32 activations. A few rows (decoding) stream
- *    the weights once on all cores (OpenMP), sharing each unpacked block across up to 4
- *    rows; many rows convert the weights tile by tile and multiply tiles with the BLAS.
+ *    (MLX's packing) and bfloat16 -- with float32 activations (rounded to 8 bits per group
+ *    for quantized weights). A few rows (decoding) stream the weights once on all cores
+ *    (OpenMP), sharing each unpacked block across up to 4 rows; many rows convert the
+ *    weights tile by tile and multiply tiles with the BLAS.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
@@ -240,6 +242,131 @@ static void qmv_rows(int bits, int M, int N, int K, int Kp, int G, const float* 
   }
 }
 
+/* ---- activations in 8 bits ----
+   Every quantized path first rounds x per group of G values to x~ = d round(x / d) with
+   d = max |x| / 127 (what llama.cpp's Q8 and mistral.rs's CPU matmuls do): the few-row
+   kernels then multiply 4/8-bit weights with 8-bit activations in integers (AVX-512
+   VNNI: 4 products per lane and instruction, exact), where float unpacking was bound by
+   arithmetic at half the memory bandwidth. Many rows and CPUs without VNNI multiply the
+   same x~ in float. The error x~ adds (about 0.3% of a dot product for Gaussian rows) is
+   far below the weights' own rounding. */
+INLINE void quantize_group(const float* x, int n, float* xt, int8_t* xi, float* d) {
+  float amax = 0.0f;
+  for (int k = 0; k < n; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+  float inv = amax > 0.0f ? 127.0f / amax : 0.0f, step = amax / 127.0f;
+  for (int k = 0; k < n; k++) {
+    float q = nearbyintf(x[k] * inv);
+    xi[k] = (int8_t)q;
+    xt[k] = step * q;
+  }
+  *d = step;
+}
+
+/* x [M, K] -> x~ (xt [M, K]), its integers (xi [M, K]), scales (xd [M, K / G]) and group
+   sums (xs [M, K / G], d times the integer sum: exact). */
+static void quantize_rows(int M, int K, int G, const float* x, float* xt, int8_t* xi, float* xd, float* xs) {
+  int KG = K / G;
+  for (int m = 0; m < M; m++)
+    for (int g = 0; g < KG; g++) {
+      size_t o = (size_t)m * K + (size_t)g * G;
+      quantize_group(x + o, G, xt + o, xi + o, xd + (size_t)m * KG + g);
+      int sum = 0;
+      for (int k = 0; k < G; k++) sum += xi[o + k];
+      xs[(size_t)m * KG + g] = xd[(size_t)m * KG + g] * (float)sum;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QVNNI 1
+/* The integers of x laid out for the integer kernel, Kp bytes per row: 4-bit, per block of
+   16 words, the values of the low nibbles (word i: its values 0, 2, 4, 6 at bytes 4i..4i+3)
+   then of the high nibbles (1, 3, 5, 7); 8-bit, the values in order. Zeros past K. Also
+   the per-lane x scale of every block (xl, 16 floats per block). */
+static void layout_q8(int M, int K, int Kp, int G, int bits, const int8_t* xi, const float* xd,
+                      const int* half_group, int8_t* xq, float* xl) {
+  int vpw = 32 / bits, blk = QBLOCK * vpw, KG = K / G, blocks = Kp / blk, halves = K / (8 * vpw);
+  for (int m = 0; m < M; m++) {
+    const int8_t* src = xi + (size_t)m * K;
+    int8_t* dst = xq + (size_t)m * Kp;
+    for (int b = 0; b < Kp; b += blk)
+      for (int i = 0; i < QBLOCK; i++)
+        for (int j = 0; j < vpw; j++) {
+          int k = b + vpw * i + j;
+          int pos = bits == 4 ? b + (j & 1) * 64 + 4 * i + j / 2 : k;
+          dst[pos] = k < K ? src[k] : 0;
+        }
+    for (int t = 0; t < blocks; t++)
+      for (int lane = 0; lane < QBLOCK; lane++) {
+        int h = 2 * t + lane / 8;
+        xl[((size_t)m * blocks + t) * QBLOCK + lane] = h < halves ? xd[(size_t)m * KG + half_group[h]] : 0.0f;
+      }
+  }
+}
+
+/* Rows [m0, m0 + R) of y for output n, in integers: per block and lane the exact sum of
+   the word's products, then scaled by the weights' and x's scales into one total. */
+INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int K, int Kp, int G,
+                         const int8_t* xq, const float* xl, const float* xs, const uint32_t* row,
+                         const void* scales, const void* biases, int bf16, const int* half_group, float* y) {
+  const int vpw = 32 / bits, words = K / vpw, KG = K / G, blk = QBLOCK * vpw, blocks = Kp / blk;
+  const __m512i nib = _mm512_set1_epi8(15);
+  v16 tot[4] = {0};
+  for (int w0 = 0; w0 < words; w0 += QBLOCK) {
+    prefetch_ahead(row + w0);
+    v16 sv;
+    v16u v = qblock(row, w0, words, n, KG, half_group, scales, biases, bf16, &sv, NULL);
+    int t = w0 / QBLOCK;
+    __m512i wv = (__m512i)v;
+    for (int r = 0; r < R; r++) {
+      const int8_t* xb = xq + (size_t)(m0 + r) * Kp + (size_t)t * blk;
+      __m512i acc;
+      if (bits == 4) {
+        acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(wv, nib), _mm512_loadu_si512(xb));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib), _mm512_loadu_si512(xb + 64));
+      } else {
+        acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xb));
+      }
+      v16 scale = sv * load16(xl + ((size_t)(m0 + r) * blocks + t) * QBLOCK);
+      tot[r] = fma16(scale, (v16)_mm512_cvtepi32_ps(acc), tot[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const float* s = xs + (size_t)(m0 + r) * KG;
+    float bias_dot = 0;
+    for (int g = 0; g < KG; g++) bias_dot += qparam(biases, (size_t)n * KG + g, bf16) * s[g];
+    y[(size_t)(m0 + r) * N + n] = hsum16(tot[r]) + bias_dot;
+  }
+}
+#else
+#define QVNNI 0
+#endif
+
+#if QVNNI
+#define QINT_DEF(bits, R) \
+  static __attribute__((noinline)) void qint_##bits##_##R(int m0, int n, int N, int K, int Kp, int G, \
+      const int8_t* xq, const float* xl, const float* xs, const uint32_t* row, const void* scales, \
+      const void* biases, int bf16, const int* half_group, float* y) { \
+    qmv_int_part(R, bits, m0, n, N, K, Kp, G, xq, xl, xs, row, scales, biases, bf16, half_group, y); \
+  }
+QINT_DEF(4, 1) QINT_DEF(4, 2) QINT_DEF(4, 3) QINT_DEF(4, 4)
+QINT_DEF(8, 1) QINT_DEF(8, 2) QINT_DEF(8, 3) QINT_DEF(8, 4)
+typedef void (*qint_fn)(int, int, int, int, int, int, const int8_t*, const float*, const float*, const uint32_t*,
+                        const void*, const void*, int, const int*, float*);
+
+static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t* xq, const float* xl,
+                      const float* xs, const uint32_t* w, const void* scales, const void* biases, int bf16,
+                      const int* half_group, float* y) {
+  static const qint_fn fns[2][4] = {{qint_4_1, qint_4_2, qint_4_3, qint_4_4}, {qint_8_1, qint_8_2, qint_8_3, qint_8_4}};
+  const qint_fn* f = fns[bits == 8];
+  int words = K / (32 / bits);
+  #pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++)
+    for (int m0 = 0; m0 < M; m0 += 4)
+      f[(M - m0 < 4 ? M - m0 : 4) - 1](m0, n, N, K, Kp, G, xq, xl, xs, w + (size_t)n * words, scales, biases, bf16,
+                                       half_group, y);
+}
+#endif
+
 /* x with each block's values reordered (value vpw * i + j of a block, word i slot j, goes
    to j * 16 + i) so that one unpacked slot of 16 words meets 16 contiguous values; rows
    padded to Kp with zeros. */
@@ -291,40 +418,56 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
   }
 }
 
-/* y [M, N] = x [M, K] @ dequantize(w)^T; xp [M, Kp] (Kp: K rounded up to whole blocks of
-   16 words) and xs [M, K / G] are scratch. Rows go through the few-row kernel FEW_ROWS at
-   a time up to MANY_ROWS, then through tiles and the BLAS. Returns nonzero for an
-   unsupported format. */
+/* y [M, N] = x~ [M, K] @ dequantize(w)^T, x~ being x in 8 bits per group (above). Up to
+   MANY_ROWS rows go through the few-row kernels FEW_ROWS at a time (integer with VNNI
+   unless allow_integer is 0, else float), more through float tiles and the BLAS. Returns nonzero for an
+   unsupported format, 2 without memory for the scratch. */
 #define MANY_ROWS 64
-int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, float* xp, float* xs,
-                    const uint32_t* w, const void* scales, const void* biases, int bf16, float* y) {
+int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, const uint32_t* w,
+                    const void* scales, const void* biases, int bf16, int allow_integer, float* y) {
   int vpw = 32 / bits, KG = K / G;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
+  int integer = QVNNI && allow_integer && M <= MANY_ROWS;
   int* half_group = malloc(sizeof(int) * (size_t)(halves + 1));
-  if (!half_group) return 2;
+  float* xt = malloc(sizeof(float) * (size_t)M * K);
+  int8_t* xi = malloc((size_t)M * K);
+  float* xd = malloc(sizeof(float) * (size_t)M * KG);
+  float* xs = malloc(sizeof(float) * (size_t)M * KG);
+  /* the integer kernel's x (bytes) and lane scales, or the float kernels' permuted x */
+  void* xk = malloc(integer ? (size_t)M * Kp : sizeof(float) * (size_t)M * Kp);
+  float* xl = integer ? malloc(sizeof(float) * (size_t)M * (Kp / blk) * QBLOCK) : NULL;
+  float* tile = M > MANY_ROWS ? malloc(sizeof(float) * (size_t)TILE * Kp) : NULL;
+  int status = 2;
+  if (!half_group || !xt || !xi || !xd || !xs || !xk || (integer && !xl) || (M > MANY_ROWS && !tile)) goto done;
   for (int h = 0; h <= halves; h++) half_group[h] = h * 8 * vpw / G < KG ? h * 8 * vpw / G : KG - 1;
-  permute_blocks(M, K, Kp, bits, x, xp, M <= MANY_ROWS);
-  if (M > MANY_ROWS) {
-    float* tile = malloc(sizeof(float) * (size_t)TILE * Kp);
-    if (tile) dequantize_matmul(bits, M, N, K, Kp, G, xp, w, scales, biases, bf16, half_group, tile, y);
-    free(tile);
-    free(half_group);
-    return tile ? 0 : 2;
-  }
-  for (int m = 0; m < M; m++)
-    for (int g = 0; g < KG; g++) {
-      float s = 0;
-      for (int k = g * G; k < (g + 1) * G; k++) s += x[(size_t)m * K + k];
-      xs[(size_t)m * KG + g] = s;
+  quantize_rows(M, K, G, x, xt, xi, xd, xs);
+  status = 0;
+#if QVNNI
+  if (integer) {
+    layout_q8(M, K, Kp, G, bits, xi, xd, half_group, xk, xl);
+    for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
+      int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
+      qint_rows(bits, mb, N, K, Kp, G, (int8_t*)xk + (size_t)m0 * Kp, xl + (size_t)m0 * (Kp / blk) * QBLOCK,
+                xs + (size_t)m0 * KG, w, scales, biases, bf16, half_group, y + (size_t)m0 * N);
     }
+    goto done;
+  }
+#endif
+  permute_blocks(M, K, Kp, bits, xt, xk, M <= MANY_ROWS);
+  if (M > MANY_ROWS) {
+    dequantize_matmul(bits, M, N, K, Kp, G, xk, w, scales, biases, bf16, half_group, tile, y);
+    goto done;
+  }
   for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
     int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
     /* the rows' outputs are columns [m0, m0 + mb) of y: compute into place via offsets */
-    qmv_rows(bits, mb, N, K, Kp, G, xp + (size_t)m0 * Kp, xs + (size_t)m0 * KG, w, scales, biases, bf16, half_group, y + (size_t)m0 * N);
+    qmv_rows(bits, mb, N, K, Kp, G, (float*)xk + (size_t)m0 * Kp, xs + (size_t)m0 * KG, w, scales, biases, bf16,
+             half_group, y + (size_t)m0 * N);
   }
-  free(half_group);
-  return 0;
+done:
+  free(half_group), free(xt), free(xi), free(xd), free(xs), free(xk), free(xl), free(tile);
+  return status;
 }
 
 /* ---- bfloat16 weights w [N, K] ----

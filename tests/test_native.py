@@ -41,16 +41,18 @@ def test_bf16_matmul(rows, k):
     [(b, g, k) for b, g in [(4, 64), (4, 128), (8, 32), (8, 64), (8, 128)] for k in (512, 576) if k % g == 0],
 )
 @pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float32])
-def test_quantized_matmul(rows, bits, group_size, k, scale_dtype):
+@pytest.mark.parametrize("integer", [True, False])  # False: the float kernels of CPUs without VNNI
+def test_quantized_matmul(rows, bits, group_size, k, scale_dtype, integer):
     w = mx.random.normal((260, k), key=mx.random.key(bits)) * 0.05
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
     scales, biases = scales.astype(scale_dtype), biases.astype(scale_dtype)
     mx.eval(wq, scales, biases)
     x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
     deq = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits)
-    ref = x.astype(np.float64) @ np.array(deq).astype(np.float64).T
+    xq = native.quantize_activations(x, group_size)
+    ref = xq.astype(np.float64) @ np.array(deq).astype(np.float64).T
     assert native.quantized_supported(group_size, bits)
-    assert _rel(native.quantized_matmul(x, wq, scales, biases, group_size, bits), ref) < 1e-5
+    assert _rel(native.quantized_matmul(x, wq, scales, biases, group_size, bits, integer), ref) < 1e-5
 
 
 def test_unsupported_group_is_reported():
@@ -68,7 +70,9 @@ def test_rows_do_not_depend_on_their_batch():
     for row in range(7):
         alone = x[row : row + 1]
         assert np.array_equal(native.bf16_matmul(x, w)[row], native.bf16_matmul(alone, w)[0])
-        assert np.array_equal(native.quantized_matmul(x, *wq, 64, 4)[row], native.quantized_matmul(alone, *wq, 64, 4)[0])
+        for integer in (True, False):
+            batch, one = (native.quantized_matmul(r, *wq, 64, 4, integer) for r in (x, alone))
+            assert np.array_equal(batch[row], one[0])
         assert np.array_equal(np.array(mx.array(x) @ wf.T)[row], np.array(mx.array(alone) @ wf.T)[0])
 
 
@@ -222,3 +226,16 @@ def test_openmp_settings_are_not_left_behind():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "active"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "active", "None"]
+
+
+def test_activations_round_to_8_bits_per_group():
+    """What the quantized kernels multiply: every group within half a step of x, the step
+    being the group's largest magnitude over 127; a group of zeros stays zero."""
+    x = np.random.default_rng(3).standard_normal((3, 256)).astype(np.float32)
+    x[1, 64:128] = 0
+    xq = native.quantize_activations(x, 64)
+    step = np.abs(x.reshape(3, 4, 64)).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(xq - x).reshape(3, 4, 64) <= step / 2 + 1e-7)
+    assert np.all(xq[1, 64:128] == 0)
+    levels = np.round(xq[0, :64] / step[0, 0])
+    assert np.abs(levels).max() == 127 and np.allclose(xq[0, :64], levels * step[0, 0])
