@@ -234,7 +234,7 @@ static void qmv_rows(int bits, int M, int N, int K, int Kp, int G, const float* 
   static const qmv_fn fns[2][4] = {{qmv_4_1, qmv_4_2, qmv_4_3, qmv_4_4}, {qmv_8_1, qmv_8_2, qmv_8_3, qmv_8_4}};
   const qmv_fn* f = fns[bits == 8];
   int words = K / (32 / bits);
-  #pragma omp parallel for schedule(static)
+  #pragma omp for schedule(static) nowait
   for (int n = 0; n < N; n++) {
     const uint32_t* row = w + (size_t)n * words;
     for (int m0 = 0; m0 < M; m0 += 4)
@@ -359,7 +359,7 @@ static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t
   static const qint_fn fns[2][4] = {{qint_4_1, qint_4_2, qint_4_3, qint_4_4}, {qint_8_1, qint_8_2, qint_8_3, qint_8_4}};
   const qint_fn* f = fns[bits == 8];
   int words = K / (32 / bits);
-  #pragma omp parallel for schedule(static)
+  #pragma omp for schedule(static) nowait
   for (int n = 0; n < N; n++)
     for (int m0 = 0; m0 < M; m0 += 4)
       f[(M - m0 < 4 ? M - m0 : 4) - 1](m0, n, N, K, Kp, G, xq, xl, xs, w + (size_t)n * words, scales, biases, bf16,
@@ -418,13 +418,17 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
   }
 }
 
-/* y [M, N] = x~ [M, K] @ dequantize(w)^T, x~ being x in 8 bits per group (above). Up to
-   MANY_ROWS rows go through the few-row kernels FEW_ROWS at a time (integer with VNNI
-   unless allow_integer is 0, else float), more through float tiles and the BLAS. Returns nonzero for an
-   unsupported format, 2 without memory for the scratch. */
+/* y_i [M, N_i] = x~ [M, K] @ dequantize(w_i)^T for `count` matrices of one format (a layer's
+   q, k and v, say), x~ being x in 8 bits per group (above): x is rounded once and the
+   few-row kernels of all matrices share one parallel region (threads move to the next
+   matrix without waiting). Up to MANY_ROWS rows go through the few-row kernels FEW_ROWS
+   at a time (integer with VNNI unless allow_integer is 0, else float), more through float
+   tiles and the BLAS. Returns nonzero for an unsupported format, 2 without memory for the
+   scratch. */
 #define MANY_ROWS 64
-int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, const uint32_t* w,
-                    const void* scales, const void* biases, int bf16, int allow_integer, float* y) {
+int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, const float* x,
+                    const uint32_t* const* ws, const void* const* scales_, const void* const* biases_, int bf16,
+                    int allow_integer, float* const* ys) {
   int vpw = 32 / bits, KG = K / G;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
@@ -446,25 +450,30 @@ int mlx_voxtral_qmm(int M, int N, int K, int G, int bits, const float* x, const 
 #if QVNNI
   if (integer) {
     layout_q8(M, K, Kp, G, bits, xi, xd, half_group, xk, xl);
-    for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
-      int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
-      qint_rows(bits, mb, N, K, Kp, G, (int8_t*)xk + (size_t)m0 * Kp, xl + (size_t)m0 * (Kp / blk) * QBLOCK,
-                xs + (size_t)m0 * KG, w, scales, biases, bf16, half_group, y + (size_t)m0 * N);
-    }
+    #pragma omp parallel
+    for (int i = 0; i < count; i++)
+      for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
+        int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
+        qint_rows(bits, mb, Ns[i], K, Kp, G, (int8_t*)xk + (size_t)m0 * Kp, xl + (size_t)m0 * (Kp / blk) * QBLOCK,
+                  xs + (size_t)m0 * KG, ws[i], scales_[i], biases_[i], bf16, half_group, ys[i] + (size_t)m0 * Ns[i]);
+      }
     goto done;
   }
 #endif
   permute_blocks(M, K, Kp, bits, xt, xk, M <= MANY_ROWS);
   if (M > MANY_ROWS) {
-    dequantize_matmul(bits, M, N, K, Kp, G, xk, w, scales, biases, bf16, half_group, tile, y);
+    for (int i = 0; i < count; i++)
+      dequantize_matmul(bits, M, Ns[i], K, Kp, G, xk, ws[i], scales_[i], biases_[i], bf16, half_group, tile, ys[i]);
     goto done;
   }
-  for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
-    int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
-    /* the rows' outputs are columns [m0, m0 + mb) of y: compute into place via offsets */
-    qmv_rows(bits, mb, N, K, Kp, G, (float*)xk + (size_t)m0 * Kp, xs + (size_t)m0 * KG, w, scales, biases, bf16,
-             half_group, y + (size_t)m0 * N);
-  }
+  #pragma omp parallel
+  for (int i = 0; i < count; i++)
+    for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
+      int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
+      /* the rows' outputs are columns [m0, m0 + mb) of y: compute into place via offsets */
+      qmv_rows(bits, mb, Ns[i], K, Kp, G, (float*)xk + (size_t)m0 * Kp, xs + (size_t)m0 * KG, ws[i], scales_[i],
+               biases_[i], bf16, half_group, ys[i] + (size_t)m0 * Ns[i]);
+    }
 done:
   free(half_group), free(xt), free(xi), free(xd), free(xs), free(xk), free(xl), free(tile);
   return status;
@@ -487,7 +496,7 @@ INLINE float bf16_finish(v8 a0, v8 a1, v8 a2, v8 a3, int K32, int K, const float
 /* One row: the weights stream straight from memory. */
 static void bf16_one_row(int N, int K, const float* x, const uint16_t* w, float* y) {
   int K32 = K & ~(BF16_SPAN - 1);
-  #pragma omp parallel for schedule(static)
+  #pragma omp for schedule(static) nowait
   for (int n = 0; n < N; n++) {
     const uint16_t* r = w + (size_t)n * K;
     v8 a0 = (v8){0}, a1 = (v8){0}, a2 = (v8){0}, a3 = (v8){0};
@@ -529,7 +538,7 @@ INLINE void bf16_tile(const int R, int K, int K32, const float* x, const uint16_
 /* 2..FEW_ROWS rows: every weight row is read once and multiplied with every row of x. */
 static void bf16_few_rows(int M, int N, int K, const float* x, const uint16_t* w, float* y) {
   int K32 = K & ~(BF16_SPAN - 1);
-  #pragma omp parallel for schedule(static)
+  #pragma omp for schedule(static) nowait
   for (int n = 0; n < N; n++) {
     const uint16_t* row = w + (size_t)n * K;
     for (int m0 = 0; m0 < M; m0 += BF16_TILE) {
@@ -551,35 +560,46 @@ static void bf16_few_rows(int M, int N, int K, const float* x, const uint16_t* w
   }
 }
 
-/* y [M, N] = x [M, K] @ w^T for bfloat16 w [N, K]: the few-row kernels FEW_ROWS rows at a
-   time up to MANY_ROWS, then float32 tiles and the BLAS. */
-int mlx_voxtral_bf16mm(int M, int N, int K, const float* x, const uint16_t* w, float* y) {
-  if (M > MANY_ROWS) {
-    float* tile = malloc(sizeof(float) * (size_t)TILE * K);
-    if (!tile) return 2;
-    int K8 = K & ~7;
-    for (int n0 = 0; n0 < N; n0 += TILE) {
-      int nb = N - n0 < TILE ? N - n0 : TILE;
-      #pragma omp parallel for schedule(static)
-      for (int r = 0; r < nb; r++) {
-        const uint16_t* src = w + (size_t)(n0 + r) * K;
-        float* dst = tile + (size_t)r * K;
-        for (int k = 0; k < K8; k += 8) {
-          v8 f = bf16x8(src + k);
-          memcpy(dst + k, &f, 32);
-        }
-        for (int k = K8; k < K; k++) dst[k] = bf16_to_f32(src[k]);
+/* y [M, N] = x [M, K] @ w^T for bfloat16 w [N, K] by float32 tiles and the BLAS. */
+static int bf16_many_rows(int M, int N, int K, const float* x, const uint16_t* w, float* y) {
+  float* tile = malloc(sizeof(float) * (size_t)TILE * K);
+  if (!tile) return 2;
+  int K8 = K & ~7;
+  for (int n0 = 0; n0 < N; n0 += TILE) {
+    int nb = N - n0 < TILE ? N - n0 : TILE;
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < nb; r++) {
+      const uint16_t* src = w + (size_t)(n0 + r) * K;
+      float* dst = tile + (size_t)r * K;
+      for (int k = 0; k < K8; k += 8) {
+        v8 f = bf16x8(src + k);
+        memcpy(dst + k, &f, 32);
       }
-      real_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, x, K, tile, K, 0.0f, y + n0, N);
+      for (int k = K8; k < K; k++) dst[k] = bf16_to_f32(src[k]);
     }
-    free(tile);
+    real_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, x, K, tile, K, 0.0f, y + n0, N);
+  }
+  free(tile);
+  return 0;
+}
+
+/* y_i [M, N_i] = x [M, K] @ w_i^T for `count` bfloat16 matrices w_i [N_i, K]: the few-row
+   kernels FEW_ROWS rows at a time up to MANY_ROWS, all matrices in one parallel region,
+   then float32 tiles and the BLAS. */
+int mlx_voxtral_bf16mm(int count, int M, const int* Ns, int K, const float* x, const uint16_t* const* ws,
+                       float* const* ys) {
+  if (M > MANY_ROWS) {
+    for (int i = 0; i < count; i++)
+      if (bf16_many_rows(M, Ns[i], K, x, ws[i], ys[i])) return 2;
     return 0;
   }
-  for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
-    int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
-    if (mb == 1) bf16_one_row(N, K, x + (size_t)m0 * K, w, y + (size_t)m0 * N);
-    else bf16_few_rows(mb, N, K, x + (size_t)m0 * K, w, y + (size_t)m0 * N);
-  }
+  #pragma omp parallel
+  for (int i = 0; i < count; i++)
+    for (int m0 = 0; m0 < M; m0 += FEW_ROWS) {
+      int mb = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS, N = Ns[i];
+      if (mb == 1) bf16_one_row(N, K, x + (size_t)m0 * K, ws[i], ys[i] + (size_t)m0 * N);
+      else bf16_few_rows(mb, N, K, x + (size_t)m0 * K, ws[i], ys[i] + (size_t)m0 * N);
+    }
   return 0;
 }
 
@@ -785,11 +805,14 @@ INLINE void one_group(const int G, int n, int D, float scale, const float* q, co
 }
 
 /* out [H, D]; returns nonzero when unsupported (D not a multiple of 16) or out of memory. */
+#define ATT_ONE_PARALLEL (1u << 20)
 int mlx_voxtral_attention_one(int H, int Hkv, int n, int capacity, int D, float scale, const float* q,
                               const uint16_t* k, const uint16_t* v, float* out) {
   if (D % 16 || H % Hkv || n < 1 || n > capacity) return 1;
   int G = H / Hkv, failed = 0;
-  #pragma omp parallel for schedule(dynamic)
+  /* a short cache is read on one core: waking the other threads cost more than the work
+     (26 layers of 32 x 128 over 100 keys: 5 ms on all cores, ms less on one) */
+  #pragma omp parallel for schedule(dynamic) if ((size_t)H * n * D >= ATT_ONE_PARALLEL)
   for (int t = 0; t < Hkv * ((G + 3) / 4); t++) {
     int h = t / ((G + 3) / 4), g0 = (t % ((G + 3) / 4)) * 4, gb = G - g0 < 4 ? G - g0 : 4;
     float* s = malloc(sizeof(float) * (size_t)4 * n);

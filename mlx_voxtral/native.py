@@ -197,17 +197,52 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def bf16_matmul(x: np.ndarray, weight) -> np.ndarray:
-    """``x @ weight.T`` for float32 rows ``x`` [M, K] and a bfloat16 MLX ``weight`` [N, K]."""
+def _pointers(arrays) -> ctypes.Array:
+    return (ctypes.c_void_p * len(arrays))(*(_pointer(a) for a in arrays))
+
+
+def _outputs(m: int, ns: list[int]) -> tuple[list[np.ndarray], ctypes.Array]:
+    ys = [np.empty((m, n), np.float32) for n in ns]
+    return ys, (ctypes.c_void_p * len(ys))(*(y.ctypes.data for y in ys))
+
+
+def bf16_matmuls(x: np.ndarray, weights) -> list[np.ndarray]:
+    """``[x @ w.T for w in weights]`` for float32 rows ``x`` [M, K] and bfloat16 MLX weights
+    [N_i, K], in one pass of the few-row kernels (a layer's q, k and v, say)."""
     x = _rows(x)
     m, k = x.shape
-    n = weight.shape[0]
-    y = np.empty((m, n), np.float32)
-    status = _lib.mlx_voxtral_bf16mm(m, n, k, x.ctypes.data_as(ctypes.c_void_p), _pointer(weight),
-                                     y.ctypes.data_as(ctypes.c_void_p))
+    ns = [w.shape[0] for w in weights]
+    ys, out = _outputs(m, ns)
+    status = _lib.mlx_voxtral_bf16mm(len(ns), m, (ctypes.c_int * len(ns))(*ns), k,
+                                     x.ctypes.data_as(ctypes.c_void_p), _pointers(weights), out)
     if status:
         raise MemoryError("no memory for a weight tile")
-    return y
+    return ys
+
+
+def bf16_matmul(x: np.ndarray, weight) -> np.ndarray:
+    """``x @ weight.T`` for float32 rows ``x`` [M, K] and a bfloat16 MLX ``weight`` [N, K]."""
+    return bf16_matmuls(x, [weight])[0]
+
+
+def quantized_matmuls(x: np.ndarray, layers, group_size: int, bits: int, integer: bool = True) -> list[np.ndarray]:
+    """``quantized_matmul`` for several ``(weight, scales, biases)`` of one format at once:
+    ``x`` is rounded once and the few-row kernels run in one pass."""
+    x = _rows(x)
+    m, k = x.shape
+    ns = [w.shape[0] for w, _, _ in layers]
+    ys, out = _outputs(m, ns)
+    is_bf16 = int(layers[0][1].itemsize == 2)
+    status = _lib.mlx_voxtral_qmm(
+        len(ns), m, (ctypes.c_int * len(ns))(*ns), k, group_size, bits, x.ctypes.data_as(ctypes.c_void_p),
+        _pointers([w for w, _, _ in layers]), _pointers([sc for _, sc, _ in layers]),
+        _pointers([b for _, _, b in layers]), is_bf16, int(integer), out,
+    )
+    if status == 1:
+        raise ValueError(f"no native kernel for {bits}-bit weights with group size {group_size}")
+    if status:
+        raise MemoryError("no memory for the quantized matmul's scratch")
+    return ys
 
 
 def quantized_matmul(x: np.ndarray, weight, scales, biases, group_size: int, bits: int,
@@ -216,20 +251,7 @@ def quantized_matmul(x: np.ndarray, weight, scales, biases, group_size: int, bit
     ``weight``/``scales``/``biases`` (scales and biases bfloat16 or float32), where ``x~``
     is ``x`` rounded to 8 bits per group of ``group_size`` values (``quantize_activations``).
     ``integer=False`` keeps few rows on the float kernels (those of CPUs without VNNI)."""
-    x = _rows(x)
-    m, k = x.shape
-    n = weight.shape[0]
-    y = np.empty((m, n), np.float32)
-    is_bf16 = int(scales.itemsize == 2)
-    status = _lib.mlx_voxtral_qmm(
-        m, n, k, group_size, bits, x.ctypes.data_as(ctypes.c_void_p), _pointer(weight), _pointer(scales),
-        _pointer(biases), is_bf16, int(integer), y.ctypes.data_as(ctypes.c_void_p),
-    )
-    if status == 1:
-        raise ValueError(f"no native kernel for {bits}-bit weights with group size {group_size}")
-    if status:
-        raise MemoryError("no memory for the quantized matmul's scratch")
-    return y
+    return quantized_matmuls(x, [(weight, scales, biases)], group_size, bits, integer)[0]
 
 
 def quantize_activations(x: np.ndarray, group_size: int) -> np.ndarray:
@@ -284,11 +306,11 @@ def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def attention_one(q: np.ndarray, k, v, n: int, scale: float) -> np.ndarray:
     """One query per head over a bfloat16 KV cache: float32 ``q`` [H, D]; ``k``/``v`` the
-    cache's evaluated, row-contiguous bfloat16 MLX buffers [Hkv, capacity, D] of which the
+    cache's evaluated, row-contiguous bfloat16 MLX buffers [..., Hkv, capacity, D] of which the
     first ``n`` keys are used -> ``[H * D]``."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     h, d = q.shape
-    hkv, capacity, _ = k.shape
+    hkv, capacity, _ = k.shape[-3:]
     if not 0 < n <= capacity:
         raise ValueError(f"{n} keys asked of a cache of {capacity}")
     out = np.empty(h * d, np.float32)

@@ -239,3 +239,30 @@ def test_activations_round_to_8_bits_per_group():
     assert np.all(xq[1, 64:128] == 0)
     levels = np.round(xq[0, :64] / step[0, 0])
     assert np.abs(levels).max() == 127 and np.allclose(xq[0, :64], levels * step[0, 0])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 65])
+def test_several_matrices_in_one_call_equal_one_at_a_time(rows):
+    """A layer's q, k and v (or w1 and w3) go through the kernels in one pass; each result
+    is exactly that of its own call."""
+    x = np.random.default_rng(rows).standard_normal((rows, 384)).astype(np.float32)
+    ws = [(mx.random.normal((n, 384), key=mx.random.key(n)) * 0.05).astype(mx.bfloat16) for n in (256, 64, 72)]
+    qs = [mx.quantize(w.astype(mx.float32), group_size=64, bits=4) for w in ws]
+    mx.eval(ws, qs)
+    for together, w in zip(native.bf16_matmuls(x, ws), ws):
+        assert np.array_equal(together, native.bf16_matmul(x, w))
+    for integer in (True, False):
+        for together, q in zip(native.quantized_matmuls(x, qs, 64, 4, integer), qs):
+            assert np.array_equal(together, native.quantized_matmul(x, *q, 64, 4, integer))
+
+
+@pytest.mark.parametrize("offset", [0, 37, 3000])
+def test_rope_matches_mlx(offset):
+    """The CPU layers' RoPE (numpy, float64 angles) against ``mx.fast.rope``: equal up to
+    MLX's float32 angles (their error grows with the position)."""
+    from mlx_voxtral.cpu import rope
+
+    x = np.random.default_rng(offset).standard_normal((5, 4, 64)).astype(np.float32)
+    ref = mx.fast.rope(mx.array(x.transpose(1, 0, 2))[None], 64, traditional=True, base=1e6, scale=1.0, offset=offset)
+    ref = np.array(ref)[0].transpose(1, 0, 2)
+    assert np.abs(rope(x, offset, 1e6) - ref).max() < 1e-5 * max(offset, 10)
