@@ -1,10 +1,12 @@
 """Linear, embedding and attention layers that run fast on MLX's CPU backend (Linux).
 
 On CPU the model keeps its matmul weights in their storage precision (bfloat16, or 4/8-bit
-quantized: that is what bounds memory traffic) and computes in float32, through the native
-code of ``mlx_voxtral.native``:
+quantized: that is what bounds memory traffic) and computes in float32 (activations of
+quantized layers rounded to 8 bits per group), through the native code of
+``mlx_voxtral.native``:
 
-* a few rows (decoding: one per stream, up to ``native.FEW_ROWS``) stream the weights once;
+* a few rows (decoding: one per stream, up to ``native.FEW_ROWS``) stream the weights once,
+  a layer's q, k and v (and w1, w3) in one pass;
 * many rows (the encoder over a block of audio, a prompt) convert the weights to float32
   a cache-sized tile at a time and multiply each tile with the BLAS (measured 5-30x faster
   than MLX's quantized CPU matmul for 50-1500 rows);
@@ -12,7 +14,8 @@ code of ``mlx_voxtral.native``:
   SwiGLU gate on all cores.
 
 The kernels run outside MLX's graph: the input is evaluated, multiplied through a
-zero-copy view, and the result wrapped as a new array. ``use_cpu_kernels`` switches a
+zero-copy view, and the result wrapped as a new array; attention and feed-forward layers
+stay in numpy from their input to their output (only the KV caches are MLX arrays). ``use_cpu_kernels`` switches a
 loaded model's layers to these classes (same parameters, different ``__call__``).
 """
 
@@ -96,7 +99,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
 def rope(x: np.ndarray, offset: int, theta: float) -> np.ndarray:
     """RoPE on interleaved pairs (MLX's ``traditional=True``) of float32 ``x`` [n, heads, D]
     at positions ``offset .. offset + n - 1``; angles in float64. (``mx.fast.rope`` took
-    200 us for one decode position on the CPU, 10 ms of a 4-bit decode step.)"""
+    200 us for one decode position on this CPU, this ~30 us.)"""
     n, _, d = x.shape
     angles = np.arange(offset, offset + n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, d, 2) / d)
     cos, sin = (f(angles).astype(np.float32)[:, None] for f in (np.cos, np.sin))

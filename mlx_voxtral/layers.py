@@ -45,10 +45,9 @@ class Attention(nn.Module):
         self, x: mx.array, caches: Sequence[KVCache], lengths: Sequence[int]
     ) -> mx.array:
         _, S, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.reshape(1, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = k.reshape(1, S, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = v.reshape(1, S, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = self.wq(x).reshape(1, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(1, S, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(1, S, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         outputs = []
         start = 0
         for cache, n in zip(caches, lengths):
@@ -61,10 +60,6 @@ class Attention(nn.Module):
             outputs.append(self.attend(qs, ks, vs, mask, cache))
         out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
         return self.wo(out)
-
-    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """The query, key and value projections of ``x``."""
-        return self.wq(x), self.wk(x), self.wv(x)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache: KVCache) -> mx.array:
         """``q`` [1, H, n, D] (the last n of the keys' positions) over ``k``/``v``
