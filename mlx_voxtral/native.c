@@ -123,17 +123,25 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 INLINE v16 load16(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
-/* (shuffles, not memcpy: an address taken kept the totals in memory, a store and a load
-   per block on their chain) */
+/* Halves and joins by shuffles where the compiler has them (GCC 12, clang): with memcpy an
+   address taken kept the totals in memory, a store and a load per block on their chain.
+   Older GCCs get the memcpy forms (correct, slower). */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLES 1
 INLINE v8 lo8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
 INLINE v8 hi8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+INLINE v16 join8(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+#else
+INLINE v8 lo8(v16 v) { v8 r; memcpy(&r, &v, 32); return r; }
+INLINE v8 hi8(v16 v) { v8 r; memcpy(&r, (const char*)&v + 32, 32); return r; }
+INLINE v16 join8(v8 lo, v8 hi) { v16 r; memcpy(&r, &lo, 32); memcpy((char*)&r + 32, &hi, 32); return r; }
+#endif
 INLINE float hsum16(v16 v) { return hsum(lo8(v) + hi8(v)); }
 #if defined(__AVX512F__)
 INLINE v16 fma16(v16 a, v16 b, v16 c) { return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 #else
 INLINE v16 fma16(v16 a, v16 b, v16 c) {
-  v8 lo = fma8(lo8(a), lo8(b), lo8(c)), hi = fma8(hi8(a), hi8(b), hi8(c));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return join8(fma8(lo8(a), lo8(b), lo8(c)), fma8(hi8(a), hi8(b), hi8(c)));
 }
 #endif
 #define Q(v, shift, mask) __builtin_convertvector((v16i)(((v) >> (shift)) & (mask)), v16)
@@ -157,9 +165,12 @@ INLINE v16u qblock(const uint32_t* row, int w0, int words, int n, int KG, const 
   if (full) {
     memcpy(&v, row + w0, 64);
   } else {
-    v8u lo;
-    memcpy(&lo, row + w0, 32);
-    v = __builtin_shufflevector(lo, (v8u){0}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#if defined(__AVX512F__)
+    v = (v16u)_mm512_maskz_loadu_epi32(0x00FF, row + w0); /* masked lanes are not read */
+#else
+    v = (v16u){0};
+    memcpy(&v, row + w0, 32);
+#endif
   }
   size_t ga = (size_t)n * KG + half_group[w0 / 8], gb = (size_t)n * KG + half_group[w0 / 8 + full];
   float sa = qparam(scales, ga, bf16), sb = full ? qparam(scales, gb, bf16) : 0.0f;
