@@ -277,6 +277,7 @@ INLINE void quantize_group(const float* x, int n, float* xt, int8_t* xi, float* 
    sums (xs [M, K / G], d times the integer sum: exact). */
 static void quantize_rows(int M, int K, int G, const float* x, float* xt, int8_t* xi, float* xd, float* xs) {
   int KG = K / G;
+  #pragma omp parallel for schedule(static) if (M > FEW_ROWS)
   for (int m = 0; m < M; m++)
     for (int g = 0; g < KG; g++) {
       size_t o = (size_t)m * K + (size_t)g * G;
@@ -383,6 +384,7 @@ static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t
    padded to Kp with zeros. */
 static void permute_blocks(int M, int K, int Kp, int bits, const float* x, float* xp, int prescale) {
   int vpw = 32 / bits, blk = QBLOCK * vpw;
+  #pragma omp parallel for schedule(static) if (M > FEW_ROWS)
   for (int m = 0; m < M; m++)
     for (int b = 0; b < Kp; b += blk)
       for (int i = 0; i < QBLOCK; i++)
