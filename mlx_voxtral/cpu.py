@@ -15,8 +15,9 @@ quantized layers rounded to 8 bits per group), through the native code of
 
 The kernels run outside MLX's graph: the input is evaluated, multiplied through a
 zero-copy view, and the result wrapped as a new array; attention and feed-forward layers
-stay in numpy from their input to their output (only the KV caches are MLX arrays). ``use_cpu_kernels`` switches a
-loaded model's layers to these classes (same parameters, different ``__call__``).
+stay in numpy from their input to their output (only the KV caches are MLX arrays).
+``use_cpu_kernels`` switches a loaded model's layers to these classes (same parameters,
+different ``__call__``).
 """
 
 from __future__ import annotations

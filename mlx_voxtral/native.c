@@ -127,7 +127,6 @@ INLINE v16 load16(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
    address taken kept the totals in memory, a store and a load per block on their chain.
    Older GCCs get the memcpy forms (correct, slower). */
 #if defined(__clang__) || __GNUC__ >= 12
-#define SHUFFLES 1
 INLINE v8 lo8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
 INLINE v8 hi8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
 INLINE v16 join8(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
@@ -182,6 +181,18 @@ INLINE v16u qblock(const uint32_t* row, int w0, int words, int n, int KG, const 
   return v;
 }
 
+/* y for rows [m0, m0 + R) and output n: the lanes' total plus the biases times the sums of
+   x's groups (xs), for the float and the integer kernels alike. */
+INLINE void qfinish(const int R, int m0, int n, int N, int KG, const float* xs, const void* biases, int bf16,
+                    const v16* tot, float* y) {
+  for (int r = 0; r < R; r++) {
+    const float* s = xs + (size_t)(m0 + r) * KG;
+    float bias_dot = 0;
+    for (int g = 0; g < KG; g++) bias_dot += qparam(biases, (size_t)n * KG + g, bf16) * s[g];
+    y[(size_t)(m0 + r) * N + n] = hsum16(tot[r]) + bias_dot;
+  }
+}
+
 /* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining): per block two
    chains (even and odd slots) scaled per lane into one total; the biases meet the sums of
    x's groups (xs) at the end. */
@@ -219,16 +230,11 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
       }
     }
   }
-  for (int r = 0; r < R; r++) {
-    const float* s = xs + (size_t)(m0 + r) * KG;
-    float bias_dot = 0;
-    for (int g = 0; g < KG; g++) bias_dot += qparam(biases, (size_t)n * KG + g, bf16) * s[g];
-    y[(size_t)(m0 + r) * N + n] = hsum16(tot[r]) + bias_dot;
-  }
+  qfinish(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
 
-/* One function per (bits, rows): compiled apart, each keeps its chains in registers
-   (inlined into one parallel loop they spilled: 82 -> ... ms per decode step). */
+/* One function per (bits, rows), compiled apart rather than inlined into one parallel loop
+   (measured: 4-bit decoder matvecs 82 -> 79 ms per step). */
 #define QMV_ARGS int m0, int n, int N, int K, int Kp, int G, const float* xp, const float* xs, \
                  const uint32_t* row, const void* scales, const void* biases, int bf16, const int* half_group, float* y
 #define QMV_DEF(bits, R) \
@@ -261,27 +267,28 @@ static void qmv_rows(int bits, int M, int N, int K, int Kp, int G, const float* 
    arithmetic at half the memory bandwidth. Many rows and CPUs without VNNI multiply the
    same x~ in float. The error x~ adds (about 0.3% of a dot product for Gaussian rows) is
    far below the weights' own rounding. */
-INLINE void quantize_group(const float* x, int n, float* xt, int8_t* xi, float* d) {
+INLINE void quantize_group(const float* x, int n, float* xt, int8_t* xi, float* d) {  /* xt may be NULL */
   float amax = 0.0f;
   for (int k = 0; k < n; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
   float inv = amax > 0.0f ? 127.0f / amax : 0.0f, step = amax / 127.0f;
   for (int k = 0; k < n; k++) {
     float q = nearbyintf(x[k] * inv);
     xi[k] = (int8_t)q;
-    xt[k] = step * q;
+    if (xt) xt[k] = step * q;
   }
   *d = step;
 }
 
-/* x [M, K] -> x~ (xt [M, K]), its integers (xi [M, K]), scales (xd [M, K / G]) and group
-   sums (xs [M, K / G], d times the integer sum: exact). */
+/* x [M, K] -> x~ (xt [M, K]; NULL for the integer kernel, which does not use it), its
+   integers (xi [M, K]), scales (xd [M, K / G]) and group sums (xs [M, K / G], d times the
+   integer sum: exact). */
 static void quantize_rows(int M, int K, int G, const float* x, float* xt, int8_t* xi, float* xd, float* xs) {
   int KG = K / G;
   #pragma omp parallel for schedule(static) if (M > FEW_ROWS)
   for (int m = 0; m < M; m++)
     for (int g = 0; g < KG; g++) {
       size_t o = (size_t)m * K + (size_t)g * G;
-      quantize_group(x + o, G, xt + o, xi + o, xd + (size_t)m * KG + g);
+      quantize_group(x + o, G, xt ? xt + o : NULL, xi + o, xd + (size_t)m * KG + g);
       int sum = 0;
       for (int k = 0; k < G; k++) sum += xi[o + k];
       xs[(size_t)m * KG + g] = xd[(size_t)m * KG + g] * (float)sum;
@@ -342,12 +349,7 @@ INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int 
       tot[r] = fma16(scale, (v16)_mm512_cvtepi32_ps(acc), tot[r]);
     }
   }
-  for (int r = 0; r < R; r++) {
-    const float* s = xs + (size_t)(m0 + r) * KG;
-    float bias_dot = 0;
-    for (int g = 0; g < KG; g++) bias_dot += qparam(biases, (size_t)n * KG + g, bf16) * s[g];
-    y[(size_t)(m0 + r) * N + n] = hsum16(tot[r]) + bias_dot;
-  }
+  qfinish(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
 #else
 #define QVNNI 0
@@ -447,7 +449,7 @@ int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, con
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
   int integer = QVNNI && allow_integer && M <= MANY_ROWS;
   int* half_group = malloc(sizeof(int) * (size_t)(halves + 1));
-  float* xt = malloc(sizeof(float) * (size_t)M * K);
+  float* xt = integer ? NULL : malloc(sizeof(float) * (size_t)M * K);
   int8_t* xi = malloc((size_t)M * K);
   float* xd = malloc(sizeof(float) * (size_t)M * KG);
   float* xs = malloc(sizeof(float) * (size_t)M * KG);
@@ -456,7 +458,7 @@ int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, con
   float* xl = integer ? malloc(sizeof(float) * (size_t)M * (Kp / blk) * QBLOCK) : NULL;
   float* tile = M > MANY_ROWS ? malloc(sizeof(float) * (size_t)TILE * Kp) : NULL;
   int status = 2;
-  if (!half_group || !xt || !xi || !xd || !xs || !xk || (integer && !xl) || (M > MANY_ROWS && !tile)) goto done;
+  if (!half_group || (!integer && !xt) || !xi || !xd || !xs || !xk || (integer && !xl) || (M > MANY_ROWS && !tile)) goto done;
   for (int h = 0; h <= halves; h++) half_group[h] = h * 8 * vpw / G < KG ? h * 8 * vpw / G : KG - 1;
   quantize_rows(M, K, G, x, xt, xi, xd, xs);
   status = 0;
