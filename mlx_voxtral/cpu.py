@@ -22,6 +22,7 @@ different ``__call__``).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable, Optional, Sequence, Union
@@ -32,16 +33,31 @@ import numpy as np
 
 from . import native
 from .cache import KVCache
+from .decoder import Decoder, DecoderLayer
 from .layers import Attention, FeedForward
 
 
-def _outside_graph(fn: Callable[[np.ndarray], Union[np.ndarray, list]], x: mx.array):
-    """Apply a numpy function to ``x`` as float32 rows and wrap its result (or results)."""
+def _memo(module: nn.Module, key: str, sources: list, make: Callable):
+    """``make()``, kept on ``module`` for as long as ``sources`` are the same arrays (a
+    layer whose weights were replaced, by ``update`` say, makes a new one)."""
+    memo = vars(module).setdefault("_cpu_memo", {})
+    kept = memo.get(key)
+    if kept is not None and len(kept[0]) == len(sources) and all(a is b for a, b in zip(kept[0], sources)):
+        return kept[1]
+    value = make()
+    memo[key] = (sources, value)
+    return value
+
+
+def _arrays(layer) -> list:
+    return [layer[name] for name in ("weight", "scales", "biases", "bias") if name in layer]
+
+
+def _float_rows(x: mx.array) -> np.ndarray:
+    """``x`` [..., K] as evaluated float32 numpy rows [-1, K] (no copy when it is float32)."""
     x = x.astype(mx.float32)
     mx.eval(x)
-    ys = fn(np.array(x, copy=False).reshape(-1, x.shape[-1]))
-    wrap = lambda y: mx.array(y).reshape(*x.shape[:-1], y.shape[-1])  # noqa: E731
-    return [wrap(y) for y in ys] if isinstance(ys, list) else wrap(ys)
+    return np.array(x, copy=False).reshape(-1, x.shape[-1])
 
 
 def _native_format(layer) -> Optional[tuple]:
@@ -54,33 +70,51 @@ def _native_format(layer) -> Optional[tuple]:
     return ("bf16",) if layer.weight.dtype == mx.bfloat16 else None
 
 
-def _native_products(layers, rows: np.ndarray) -> list[np.ndarray]:
-    """float32 ``rows`` [M, K] times each layer's weights (all of one native format)."""
-    fmt = _native_format(layers[0])
+def _matmuls(layers) -> Optional[native.Matmuls]:
+    """The native product with each of ``layers`` (no bias) in one pass, or None where they
+    are not all of one format the kernels take."""
+    formats = {_native_format(layer) for layer in layers}
+    if len(formats) != 1 or None in formats:
+        return None
+    fmt = formats.pop()
     if fmt[0] == "bf16":
-        return native.bf16_matmuls(rows, [layer.weight for layer in layers])
-    return native.quantized_matmuls(rows, [(l.weight, l.scales, l.biases) for l in layers], fmt[2], fmt[1])
+        return native.Matmuls([layer.weight for layer in layers])
+    return native.Matmuls([(l.weight, l.scales, l.biases) for l in layers], fmt[2], fmt[1])
+
+
+def _bias(layer) -> Optional[np.ndarray]:
+    return np.array(layer.bias.astype(mx.float32)) if "bias" in layer else None
+
+
+def _layer_matmuls(layer) -> Optional[native.Matmuls]:
+    return _memo(layer, "matmuls", _arrays(layer), lambda: _matmuls([layer]))
+
+
+def _dense(layer) -> mx.array:
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode)
+    return layer.weight
 
 
 def _linear(layer, x: mx.array) -> mx.array:
     """``x @ W.T`` for a linear or embedding layer (no bias): native kernels when they take
-    its weights, MLX otherwise."""
-    if _native_format(layer) is not None:
-        return _outside_graph(lambda rows: _native_products([layer], rows)[0], x)
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode)
-    else:
-        w = layer.weight
-    return x @ w.astype(x.dtype).T
+    its weights (float32), MLX otherwise."""
+    matmuls = _layer_matmuls(layer)
+    if matmuls is not None:
+        return mx.array(matmuls(_float_rows(x))[0]).reshape(*x.shape[:-1], -1)
+    return x @ _dense(layer).astype(x.dtype).T
+
+
+def _linear_rows(layer, rows: np.ndarray) -> np.ndarray:
+    """``_linear`` of float32 numpy rows [M, K]."""
+    matmuls = _layer_matmuls(layer)
+    if matmuls is not None:
+        return matmuls(rows)[0]
+    return _float_rows(mx.array(rows) @ _dense(layer).astype(mx.float32).T)
 
 
 def _with_bias(layer, y: mx.array) -> mx.array:
     return y + layer.bias if "bias" in layer else y
-
-
-def _one_format(*layers) -> bool:
-    formats = {_native_format(layer) for layer in layers}
-    return len(formats) == 1 and None not in formats
 
 
 class CPULinear(nn.Linear):
@@ -97,18 +131,33 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
         return _with_bias(self, _linear(self, x))
 
 
+@functools.lru_cache(maxsize=16)
+def _rope_angles(offset: int, n: int, d: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n, 1, d / 2] of positions ``offset ..`` (float64 angles): every layer of a
+    step asks for the same ones."""
+    angles = np.arange(offset, offset + n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, d, 2) / d)
+    return tuple(f(angles).astype(np.float32)[:, None] for f in (np.cos, np.sin))
+
+
 def rope(x: np.ndarray, offset: int, theta: float) -> np.ndarray:
     """RoPE on interleaved pairs (MLX's ``traditional=True``) of float32 ``x`` [n, heads, D]
     at positions ``offset .. offset + n - 1``; angles in float64. (``mx.fast.rope`` took
-    200 us for one decode position on this CPU, this ~30 us.)"""
+    200 us for one decode position on this CPU, this ~15 us.)"""
     n, _, d = x.shape
-    angles = np.arange(offset, offset + n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, d, 2) / d)
-    cos, sin = (f(angles).astype(np.float32)[:, None] for f in (np.cos, np.sin))
+    cos, sin = _rope_angles(offset, n, d, theta)
     even, odd = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
     out[..., 0::2] = even * cos - odd * sin
     out[..., 1::2] = even * sin + odd * cos
     return out
+
+
+def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
+    """``norm`` (MLX's ``x * rsqrt(mean(x^2) + eps) * weight``) of float32 rows, in numpy:
+    for one row ~10 us, an MLX evaluation ~100 us."""
+    weight = _memo(norm, "weight", [norm.weight], lambda: np.array(norm.weight.astype(mx.float32)))
+    r = 1 / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1]) + np.float32(norm.eps))
+    return x * r * weight
 
 
 class CPUAttention(Attention):
@@ -119,25 +168,32 @@ class CPUAttention(Attention):
     bfloat16 cache straight from it (5 ms against MLX's 16 ms over a float32 copy, 32
     heads x 8192 keys); the output projection straight from the result."""
 
-    def _native(self) -> bool:
+    def _plan(self):
+        """(q/k/v product, output product, q/k/v/o biases), or None where the native
+        kernels do not take this layer (MLX runs it)."""
         layers = (self.wq, self.wk, self.wv, self.wo)
-        return (
-            _one_format(*layers[:3]) and _one_format(self.wo) and native.attention_supported(self.head_dim)
-            and all(layer.bias.dtype == mx.float32 for layer in layers if "bias" in layer)
-        )
+
+        def make():
+            qkv, out = _matmuls(layers[:3]), _matmuls(layers[3:])
+            if qkv is None or out is None or not native.attention_supported(self.head_dim):
+                return None
+            return qkv, out, [_bias(layer) for layer in layers]
+
+        return _memo(self, "plan", [a for layer in layers for a in _arrays(layer)], make)
 
     def __call__(self, x: mx.array, caches: Sequence[KVCache], lengths: Sequence[int]) -> mx.array:
-        if not self._native():
+        if self._plan() is None:
             return super().__call__(x, caches, lengths)
-        _, S, dim = x.shape
+        return mx.array(self.rows(_float_rows(x), caches, lengths))[None]
+
+    def rows(self, x: np.ndarray, caches: Sequence[KVCache], lengths: Sequence[int]) -> np.ndarray:
+        """The layer over float32 rows ``x`` [S, dim] (packed streams) -> [S, dim]."""
+        plan = self._plan()
+        if plan is None:
+            return _float_rows(super().__call__(mx.array(x)[None], caches, lengths))
+        qkv, wo, biases = plan
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        x = x.astype(mx.float32)
-        mx.eval(x)
-        layers = (self.wq, self.wk, self.wv)
-        q, k, v = (
-            y + np.array(layer.bias, copy=False) if "bias" in layer else y
-            for layer, y in zip(layers, _native_products(layers, np.array(x, copy=False).reshape(S, dim)))
-        )
+        q, k, v = (y if b is None else y + b for y, b in zip(qkv(x), biases))
         outputs, start = [], 0
         for cache, n in zip(caches, lengths):
             rows = slice(start, start + n)
@@ -156,8 +212,8 @@ class CPUAttention(Attention):
                 kv = (np.array(t, copy=False)[0] for t in (ks, vs))
                 out = native.attention(qs.transpose(1, 0, 2), *kv, self.scale, cache.window)
             outputs.append(out.reshape(n, H * D))
-        out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-        return _with_bias(self.wo, mx.array(_native_products([self.wo], out)[0])[None])
+        y = wo(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))[0]
+        return y if biases[3] is None else y + biases[3]
 
 
 class CPUFeedForward(FeedForward):
@@ -165,20 +221,64 @@ class CPUFeedForward(FeedForward):
     elementwise ops use one: 106 ms against 12 ms for the encoder's 1500 x 5120 gate) and
     w2 straight from it, all outside MLX's graph."""
 
+    def _plan(self):
+        """(w1/w3 product, w2 product, w2 bias), or None where MLX multiplies."""
+        layers = (self.w1, self.w3, self.w2)
+
+        def make():
+            w13, w2 = _matmuls(layers[:2]), _matmuls(layers[2:])
+            return None if w13 is None or w2 is None else (w13, w2, _bias(self.w2))
+
+        return _memo(self, "plan", [a for layer in layers for a in _arrays(layer)], make)
+
     def __call__(self, x: mx.array) -> mx.array:
-        if not (_one_format(self.w1, self.w3) and _one_format(self.w2)):
-            a, b = self.w1(x), self.w3(x)
-            dtype = a.dtype
-            a, b = a.astype(mx.float32), b.astype(mx.float32)
-            mx.eval(a, b)
-            h = mx.array(native.silu_mul(np.array(a, copy=False), np.array(b, copy=False)))
-            return self.w2(h.astype(dtype))
+        if self._plan() is not None:
+            return mx.array(self.rows(_float_rows(x))).reshape(*x.shape[:-1], -1)
+        a, b = self.w1(x), self.w3(x)
+        dtype = a.dtype
+        h = mx.array(native.silu_mul(_float_rows(a), _float_rows(b))).reshape(a.shape)
+        return self.w2(h.astype(dtype))
 
-        def ffn(rows: np.ndarray) -> np.ndarray:
-            a, b = _native_products((self.w1, self.w3), rows)
-            return _native_products([self.w2], native.silu_mul(a, b))[0]
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """The layer over float32 rows ``x`` [S, dim] -> [S, dim]."""
+        plan = self._plan()
+        if plan is None:
+            return _float_rows(self(mx.array(x)))
+        w13, w2, bias = plan
+        y = w2(native.silu_mul(*w13(x)))[0]
+        return y if bias is None else y + bias
 
-        return _with_bias(self.w2, _outside_graph(ffn, x))
+
+class CPUDecoderLayer(DecoderLayer):
+    """``DecoderLayer`` on float32 numpy rows: the residual stream and the norms stay
+    outside MLX between the native kernels (a 4-bit decode step evaluated MLX graphs 3
+    times per layer, ~7 ms of 60)."""
+
+    def __call__(self, x: mx.array, scale: mx.array, caches: Sequence[KVCache], lengths: Sequence[int]) -> mx.array:
+        y = self.rows(_float_rows(x), _float_rows(scale), caches, lengths)
+        return mx.array(y).reshape(x.shape)
+
+    def rows(self, x: np.ndarray, scale: np.ndarray, caches: Sequence[KVCache], lengths: Sequence[int]) -> np.ndarray:
+        """``x`` [S, dim] with the ada ``scale`` ([1, dim] or [S, dim]) -> [S, dim]."""
+        h = x + self.attention.rows(rms_norm(x, self.attention_norm), caches, lengths)
+        return h + self.feed_forward.rows(rms_norm(h, self.ffn_norm) * scale)
+
+
+class CPUDecoder(Decoder):
+    """``Decoder`` whose layers run on float32 numpy rows from the input embeddings to the
+    LM head."""
+
+    def __call__(self, x: mx.array, scales: Sequence[mx.array], caches: Sequence[Sequence[KVCache]],
+                 lengths: Sequence[int], last: Optional[Sequence[int]] = None) -> mx.array:
+        h = _float_rows(x)
+        for i, layer in enumerate(self.layers):
+            scale = _memo(layer, "scale", [scales[i]], lambda: _float_rows(scales[i]))
+            h = layer.rows(h, scale, [c[i] for c in caches], lengths)
+        if last is not None:
+            h = h[list(last)]
+        h = rms_norm(h, self.norm)
+        head = self.tok_embeddings if self.args.tied_embeddings else self.output
+        return mx.array(_linear_rows(head, h))[None]
 
 
 class CPUEmbedding(nn.Embedding):
@@ -200,6 +300,8 @@ _CPU_CLASSES = {
     nn.QuantizedEmbedding: CPUQuantizedEmbedding,
     Attention: CPUAttention,
     FeedForward: CPUFeedForward,
+    DecoderLayer: CPUDecoderLayer,
+    Decoder: CPUDecoder,
 }
 
 

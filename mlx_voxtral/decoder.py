@@ -77,14 +77,18 @@ class Decoder(nn.Module):
         scales: Sequence[mx.array],
         caches: Sequence[Sequence[KVCache]],
         lengths: Sequence[int],
+        last: Optional[Sequence[int]] = None,
     ) -> mx.array:
-        """Packed input embeddings ``x`` [1, S, dim] -> logits [1, S, vocab].
+        """Packed input embeddings ``x`` [1, S, dim] -> logits [1, S, vocab] (of the rows
+        ``last`` only, [1, len(last), vocab], when given: the LM head is the largest matrix).
 
         ``scales[l]`` is layer l's ada scale ([dim], or [1, S, dim] when packed streams use
         different delays); ``caches[i]``/``lengths[i]`` describe stream i's rows.
         """
         for i, layer in enumerate(self.layers):
             x = layer(x, scales[i], [c[i] for c in caches], lengths)
+        if last is not None:
+            x = x[:, mx.array(last)]
         x = self.norm(x)
         if self.args.tied_embeddings:
             return self.tok_embeddings.as_linear(x)

@@ -89,10 +89,8 @@ class Model(nn.Module):
                 )[None]
                 for l in range(len(self.decoder.layers))
             ]
-        h = x
-        last = mx.array([sum(lengths[: i + 1]) - 1 for i in range(len(lengths))])
-        logits = self.decoder(h, scales, caches, lengths)
-        return logits[0, last]
+        last = [sum(lengths[: i + 1]) - 1 for i in range(len(lengths))]
+        return self.decoder(x, scales, caches, lengths, last)[0]
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -201,23 +201,55 @@ def _pointers(arrays) -> ctypes.Array:
     return (ctypes.c_void_p * len(arrays))(*(_pointer(a) for a in arrays))
 
 
-def _outputs(m: int, ns: list[int]) -> tuple[list[np.ndarray], ctypes.Array]:
-    ys = [np.empty((m, n), np.float32) for n in ns]
-    return ys, (ctypes.c_void_p * len(ys))(*(y.ctypes.data for y in ys))
+class Matmuls:
+    """``[x @ w.T for w in weights]`` for float32 rows ``x`` [M, K], several weights of one
+    format (bfloat16 MLX arrays [N_i, K], or MLX's affine quantized ``(weight, scales,
+    biases)`` with ``group_size`` and ``bits``) in one pass of the few-row kernels (a
+    layer's q, k and v, say).
+
+    The weights' addresses are taken once (a decode step multiplies ~100 of them: taking
+    them on every call cost 2 ms per step); the object keeps the arrays alive. ``sources``
+    are the arrays it multiplies, to tell whether a layer's weights were replaced since.
+    """
+
+    def __init__(self, weights, group_size: int = 0, bits: int = 0):
+        quantized = bits != 0
+        self.sources = [a for w in weights for a in (w if quantized else (w,))]
+        mats = [w[0] if quantized else w for w in weights]
+        self.k = mats[0].shape[1] * (32 // bits if quantized else 1)
+        ns = [w.shape[0] for w in mats]
+        self.ns = (ctypes.c_int * len(ns))(*ns)
+        self.group_size, self.bits = group_size, bits
+        self.pointers = [_pointers(mats)]
+        if quantized:
+            self.pointers += [_pointers([w[1] for w in weights]), _pointers([w[2] for w in weights])]
+            self.scales_bf16 = int(weights[0][1].itemsize == 2)
+
+    def __call__(self, x: np.ndarray, integer: bool = True) -> list[np.ndarray]:
+        x = _rows(x)
+        m, k = x.shape
+        if k != self.k:
+            raise ValueError(f"rows of {k} values for weights of {self.k} columns")
+        ys = [np.empty((m, n), np.float32) for n in self.ns]
+        out = (ctypes.c_void_p * len(ys))(*(y.ctypes.data for y in ys))
+        xp = x.ctypes.data_as(ctypes.c_void_p)
+        if not self.bits:
+            if _lib.mlx_voxtral_bf16mm(len(ys), m, self.ns, k, xp, self.pointers[0], out):
+                raise MemoryError("no memory for a weight tile")
+            return ys
+        status = _lib.mlx_voxtral_qmm(len(ys), m, self.ns, k, self.group_size, self.bits, xp, *self.pointers,
+                                      self.scales_bf16, int(integer), out)
+        if status == 1:
+            raise ValueError(f"no native kernel for {self.bits}-bit weights with group size {self.group_size}")
+        if status:
+            raise MemoryError("no memory for the quantized matmul's scratch")
+        return ys
 
 
 def bf16_matmuls(x: np.ndarray, weights) -> list[np.ndarray]:
     """``[x @ w.T for w in weights]`` for float32 rows ``x`` [M, K] and bfloat16 MLX weights
     [N_i, K], in one pass of the few-row kernels (a layer's q, k and v, say)."""
-    x = _rows(x)
-    m, k = x.shape
-    ns = [w.shape[0] for w in weights]
-    ys, out = _outputs(m, ns)
-    status = _lib.mlx_voxtral_bf16mm(len(ns), m, (ctypes.c_int * len(ns))(*ns), k,
-                                     x.ctypes.data_as(ctypes.c_void_p), _pointers(weights), out)
-    if status:
-        raise MemoryError("no memory for a weight tile")
-    return ys
+    return Matmuls(weights)(x)
 
 
 def bf16_matmul(x: np.ndarray, weight) -> np.ndarray:
@@ -228,21 +260,7 @@ def bf16_matmul(x: np.ndarray, weight) -> np.ndarray:
 def quantized_matmuls(x: np.ndarray, layers, group_size: int, bits: int, integer: bool = True) -> list[np.ndarray]:
     """``quantized_matmul`` for several ``(weight, scales, biases)`` of one format at once:
     ``x`` is rounded once and the few-row kernels run in one pass."""
-    x = _rows(x)
-    m, k = x.shape
-    ns = [w.shape[0] for w, _, _ in layers]
-    ys, out = _outputs(m, ns)
-    is_bf16 = int(layers[0][1].itemsize == 2)
-    status = _lib.mlx_voxtral_qmm(
-        len(ns), m, (ctypes.c_int * len(ns))(*ns), k, group_size, bits, x.ctypes.data_as(ctypes.c_void_p),
-        _pointers([w for w, _, _ in layers]), _pointers([sc for _, sc, _ in layers]),
-        _pointers([b for _, _, b in layers]), is_bf16, int(integer), out,
-    )
-    if status == 1:
-        raise ValueError(f"no native kernel for {bits}-bit weights with group size {group_size}")
-    if status:
-        raise MemoryError("no memory for the quantized matmul's scratch")
-    return ys
+    return Matmuls(layers, group_size, bits)(x, integer)
 
 
 def quantized_matmul(x: np.ndarray, weight, scales, biases, group_size: int, bits: int,

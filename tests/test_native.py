@@ -266,3 +266,67 @@ def test_rope_matches_mlx(offset):
     ref = mx.fast.rope(mx.array(x.transpose(1, 0, 2))[None], 64, traditional=True, base=1e6, scale=1.0, offset=offset)
     ref = np.array(ref)[0].transpose(1, 0, 2)
     assert np.abs(rope(x, offset, 1e6) - ref).max() < 1e-5 * max(offset, 10)
+
+
+def _plain_mlx(model):
+    """Switch a loaded model's CPU classes back to the MLX classes they extend."""
+    from mlx_voxtral import cpu
+
+    for _, module in model.named_modules():
+        if type(module).__module__ == cpu.__name__:
+            module.__class__ = type(module).__mro__[1]
+    return model
+
+
+def _decoder_passes(model):
+    """Logits of two packed prompts with different delays, then of one decode step each."""
+    rng = np.random.default_rng(0)
+    dim, vocab = model.args.dim, model.args.vocab_size
+    caches = [model.decoder.make_cache(), model.decoder.make_cache()]
+    out = []
+    for lengths in ([5, 3], [1, 1]):
+        audio = [mx.array(rng.standard_normal((n, dim)).astype(np.float32) * 0.5) for n in lengths]
+        tokens = [mx.array(rng.integers(0, vocab, n)) for n in lengths]
+        out.append(np.array(model(audio, tokens, caches, [6, 2])))
+    return out
+
+
+@pytest.mark.parametrize("quantize", [None, 8])
+def test_cpu_decoder_matches_plain_mlx(tiny_checkpoint, quantize):
+    """The CPU decoder (residual stream and norms in numpy, LM head of the last rows only)
+    against MLX's modules over the same weights: packed streams with their own delays, a
+    prompt and a decode step. Quantized layers differ by the 8-bit activations only."""
+    from mlx_voxtral.cpu import CPUDecoder
+
+    fast = mlx_voxtral.load(tiny_checkpoint, quantize=quantize)
+    assert isinstance(fast.decoder, CPUDecoder)
+    plain = _plain_mlx(mlx_voxtral.load(tiny_checkpoint, quantize=quantize))
+    for got, ref in zip(_decoder_passes(fast), _decoder_passes(plain)):
+        assert got.shape == ref.shape == (2, fast.args.vocab_size)
+        if quantize is None:
+            assert _rel(got, ref) < 1e-4
+        else:
+            cos = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+            assert cos.min() > 0.999
+
+
+def test_cpu_layers_follow_replaced_weights(tiny_checkpoint):
+    """The CPU layers keep their weights' addresses; replacing a layer's weights (``update``,
+    ``load_weights``) must take effect."""
+    model = mlx_voxtral.load(tiny_checkpoint)
+    layer = model.decoder.layers[0].feed_forward
+    x = mx.random.normal((1, 2, model.args.dim), key=mx.random.key(1))
+    before = np.array(layer(x))
+    layer.update({"w2": {"weight": (layer.w2.weight.astype(mx.float32) * 2).astype(mx.bfloat16)}})
+    assert np.allclose(np.array(layer(x)), 2 * before, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_matches_mlx():
+    import mlx.nn as nn
+
+    from mlx_voxtral.cpu import rms_norm
+
+    norm = nn.RMSNorm(96, eps=1e-5)
+    norm.weight = mx.random.normal((96,), key=mx.random.key(2))
+    x = np.random.default_rng(4).standard_normal((3, 96)).astype(np.float32) * 3
+    assert _rel(rms_norm(x, norm), np.array(norm(mx.array(x)))) < 1e-6
