@@ -183,12 +183,25 @@ INLINE v16u qblock(const uint32_t* row, int w0, int words, int n, int KG, const 
 
 /* y for rows [m0, m0 + R) and output n: the lanes' total plus the biases times the sums of
    x's groups (xs), for the float and the integer kernels alike. */
+INLINE float qbias_dot(const void* biases, size_t at, const float* s, int KG, int bf16) {
+  /* vectors (one scalar chain was as long as the row's blocks: 48-144 dependent adds) */
+  v8 a0 = (v8){0}, a1 = (v8){0};
+  int g = 0;
+  const uint16_t* bh = (const uint16_t*)biases + at;
+  const float* bf = (const float*)biases + at;
+  for (; g + 16 <= KG; g += 16) {
+    a0 = fma8(bf16 ? bf16x8(bh + g) : load8(bf + g), load8(s + g), a0);
+    a1 = fma8(bf16 ? bf16x8(bh + g + 8) : load8(bf + g + 8), load8(s + g + 8), a1);
+  }
+  float dot = hsum(a0 + a1);
+  for (; g < KG; g++) dot += qparam(biases, at + g, bf16) * s[g];
+  return dot;
+}
+
 INLINE void qfinish(const int R, int m0, int n, int N, int KG, const float* xs, const void* biases, int bf16,
                     const v16* tot, float* y) {
   for (int r = 0; r < R; r++) {
-    const float* s = xs + (size_t)(m0 + r) * KG;
-    float bias_dot = 0;
-    for (int g = 0; g < KG; g++) bias_dot += qparam(biases, (size_t)n * KG + g, bf16) * s[g];
+    float bias_dot = qbias_dot(biases, (size_t)n * KG, xs + (size_t)(m0 + r) * KG, KG, bf16);
     y[(size_t)(m0 + r) * N + n] = hsum16(tot[r]) + bias_dot;
   }
 }
