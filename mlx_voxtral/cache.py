@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import mlx.core as mx
+import numpy as np
 
 Mask = Optional[Union[str, mx.array]]
 
@@ -103,6 +104,94 @@ class KVCache:
         if keys.shape[2] == 1:
             return self._update_in_place(keys, values)
         return self._update_concat(keys, values)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as ``astype`` does."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def _from_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+class HostKVCache:
+    """``KVCache`` in numpy for the CPU layers (``mlx_voxtral.cpu``), which compute outside
+    MLX: keys and values ``[H_kv, positions, D]`` stored as bfloat16 bits (uint16) or
+    float32, the same sliding window, ring buffer and rounding-before-use rule. A decode
+    step writes each layer's key and value in place (through MLX it was a graph and an
+    evaluation per layer, ~100 us each)."""
+
+    step = KVCache.step
+
+    def __init__(self, window: int, dtype: Optional[mx.Dtype] = None):
+        if dtype is not None and dtype != mx.bfloat16:
+            raise ValueError(f"host KV caches store bfloat16 or float32 keys, not {dtype}")
+        self.window = window
+        self.dtype = dtype  # bfloat16, or None: float32
+        self.bf16 = dtype is not None
+        self.keys: Optional[np.ndarray] = None
+        self.values: Optional[np.ndarray] = None
+        self.offset = 0
+        self._idx = 0
+
+    def __len__(self) -> int:
+        return min(self.offset, self.window)
+
+    def _store(self, x: np.ndarray) -> np.ndarray:
+        return _to_bf16(x) if self.bf16 else np.array(x, np.float32)
+
+    def _load(self, x: np.ndarray) -> np.ndarray:
+        return _from_bf16(x) if self.bf16 else x
+
+    def _ordered(self, x: np.ndarray) -> np.ndarray:
+        n = len(self)
+        if n < self.window or self._idx in (0, self.window):
+            return x[:, :n]
+        return np.concatenate([x[:, self._idx :], x[:, : self._idx]], axis=1)
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store one position's float32 ``keys``/``values`` [H_kv, D]; attend to the first
+        ``len(self)`` entries of ``self.keys``/``self.values`` (the ring, in any order)."""
+        capacity = 0 if self.keys is None else self.keys.shape[1]
+        if self._idx >= capacity and capacity < self.window:
+            size = min(self.step, self.window - capacity)
+            dtype = np.uint16 if self.bf16 else np.float32
+            new_k = np.zeros((keys.shape[0], size, keys.shape[1]), dtype)
+            new_v = np.zeros((values.shape[0], size, values.shape[1]), dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = np.concatenate([self.keys, new_k], axis=1)
+                self.values = np.concatenate([self.values, new_v], axis=1)
+        if self._idx == self.window:
+            self._idx = 0
+        self.keys[:, self._idx] = self._store(keys)
+        self.values[:, self._idx] = self._store(values)
+        self.offset += 1
+        self._idx += 1
+
+    def extend(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store n positions' float32 ``keys``/``values`` [H_kv, n, D]; return the float32
+        keys and values they attend to: the last ``window - 1`` cached ones, in order, then
+        the new ones (rounded to the storage dtype)."""
+        new_k, new_v = self._store(keys), self._store(values)
+        if self.keys is None:
+            all_k, all_v = new_k, new_v
+        else:
+            keep = self.window - 1
+            past_k, past_v = (self._ordered(t)[:, max(len(self) - keep, 0) :] for t in (self.keys, self.values))
+            all_k, all_v = np.concatenate([past_k, new_k], axis=1), np.concatenate([past_v, new_v], axis=1)
+        self.keys = np.ascontiguousarray(all_k[:, -self.window :])
+        self.values = np.ascontiguousarray(all_v[:, -self.window :])
+        self.offset += keys.shape[1]
+        self._idx = self.keys.shape[1]
+        return self._load(all_k), self._load(all_v)
 
     @property
     def nbytes(self) -> int:

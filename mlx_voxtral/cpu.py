@@ -32,8 +32,9 @@ import mlx.nn as nn
 import numpy as np
 
 from . import native
-from .cache import KVCache
+from .cache import ConvCache, HostKVCache, KVCache
 from .decoder import Decoder, DecoderLayer
+from .encoder import AudioEncoder
 from .layers import Attention, FeedForward
 
 
@@ -181,17 +182,26 @@ class CPUAttention(Attention):
 
         return _memo(self, "plan", [a for layer in layers for a in _arrays(layer)], make)
 
+    def _runs(self, caches) -> bool:
+        """Whether this layer runs here (else MLX): kernels for its weights, host caches."""
+        return self._plan() is not None and all(isinstance(c, HostKVCache) for c in caches)
+
+    def make_cache(self, window: int, dtype: Optional[mx.Dtype]):
+        """The KV cache this layer attends with: host caches where the kernels run."""
+        if self._plan() is not None and (dtype is None or dtype == mx.bfloat16):
+            return HostKVCache(window, dtype)
+        return KVCache(window, dtype)
+
     def __call__(self, x: mx.array, caches: Sequence[KVCache], lengths: Sequence[int]) -> mx.array:
-        if self._plan() is None:
+        if not self._runs(caches):
             return super().__call__(x, caches, lengths)
         return mx.array(self.rows(_float_rows(x), caches, lengths))[None]
 
-    def rows(self, x: np.ndarray, caches: Sequence[KVCache], lengths: Sequence[int]) -> np.ndarray:
+    def rows(self, x: np.ndarray, caches: Sequence[HostKVCache], lengths: Sequence[int]) -> np.ndarray:
         """The layer over float32 rows ``x`` [S, dim] (packed streams) -> [S, dim]."""
-        plan = self._plan()
-        if plan is None:
+        if not self._runs(caches):
             return _float_rows(super().__call__(mx.array(x)[None], caches, lengths))
-        qkv, wo, biases = plan
+        qkv, wo, biases = self._plan()
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = (y if b is None else y + b for y, b in zip(qkv(x), biases))
         outputs, start = [], 0
@@ -201,15 +211,15 @@ class CPUAttention(Attention):
             qs = rope(q[rows].reshape(n, H, D), cache.offset, self.rope_theta)
             ks = rope(k[rows].reshape(n, Hkv, D), cache.offset, self.rope_theta)
             vs = v[rows].reshape(n, Hkv, D)
-            ks, vs, _ = cache.update_and_fetch(*(mx.array(t.transpose(1, 0, 2))[None] for t in (ks, vs)))
-            if n == 1 and cache.keys.dtype == mx.bfloat16:
-                # the cache's whole buffers (ks and vs are views of their first len(cache) keys)
-                mx.eval(cache.keys, cache.values)
-                out = native.attention_one(qs[0], cache.keys, cache.values, len(cache), self.scale)
+            if n == 1:  # a decode step: over the ring as it is (one query sees every key)
+                cache.append(ks[0], vs[0])
+                kv, m = (cache.keys, cache.values), len(cache)
+                if cache.bf16:
+                    out = native.attention_one(qs[0], *kv, m, self.scale)
+                else:
+                    out = native.attention(qs.transpose(1, 0, 2), *(t[:, :m] for t in kv), self.scale, m)
             else:
-                ks, vs = ks.astype(mx.float32), vs.astype(mx.float32)
-                mx.eval(ks, vs)
-                kv = (np.array(t, copy=False)[0] for t in (ks, vs))
+                kv = cache.extend(ks.transpose(1, 0, 2), vs.transpose(1, 0, 2))
                 out = native.attention(qs.transpose(1, 0, 2), *kv, self.scale, cache.window)
             outputs.append(out.reshape(n, H * D))
         y = wo(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))[0]
@@ -268,6 +278,9 @@ class CPUDecoder(Decoder):
     """``Decoder`` whose layers run on float32 numpy rows from the input embeddings to the
     LM head."""
 
+    def make_cache(self) -> list:
+        return [layer.attention.make_cache(self.args.sliding_window, self.cache_dtype) for layer in self.layers]
+
     def __call__(self, x: mx.array, scales: Sequence[mx.array], caches: Sequence[Sequence[KVCache]],
                  lengths: Sequence[int], last: Optional[Sequence[int]] = None) -> mx.array:
         h = _float_rows(x)
@@ -279,6 +292,17 @@ class CPUDecoder(Decoder):
         h = rms_norm(h, self.norm)
         head = self.tok_embeddings if self.args.tied_embeddings else self.output
         return mx.array(_linear_rows(head, h))[None]
+
+
+class CPUAudioEncoder(AudioEncoder):
+    """``AudioEncoder`` with host KV caches for the layers the kernels run."""
+
+    def make_cache(self) -> tuple[list[ConvCache], list]:
+        window = self.args.sliding_window
+        return (
+            [ConvCache() for _ in self.conv_layers],
+            [layer.attention.make_cache(window, self.cache_dtype) for layer in self.layers],
+        )
 
 
 class CPUEmbedding(nn.Embedding):
@@ -302,6 +326,7 @@ _CPU_CLASSES = {
     FeedForward: CPUFeedForward,
     DecoderLayer: CPUDecoderLayer,
     Decoder: CPUDecoder,
+    AudioEncoder: CPUAudioEncoder,
 }
 
 

@@ -314,3 +314,41 @@ def test_kv_cache_keeps_only_its_window():
     assert cache.nbytes == 2 * 8 * 100 * 64 * 4
     k, _, mask = cache.update_and_fetch(mx.zeros((1, 8, 3, 64)), mx.zeros((1, 8, 3, 64)))
     assert k.shape[2] == 102 and mask.shape == (3, 102)  # 99 kept keys + 3 new, banded
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, None])
+def test_host_kv_cache_matches_kv_cache(dtype):
+    """The CPU layers' numpy cache against the MLX one over prompts, decode steps past the
+    ring's wrap and a block longer than the window: the same keys in the same slots,
+    rounded alike, and the same keys for many queries to attend to."""
+    from mlx_voxtral.cache import HostKVCache, KVCache
+
+    rng = np.random.default_rng(5)
+    host, ref = HostKVCache(window=300, dtype=dtype), KVCache(window=300, dtype=dtype)
+    as_f32 = lambda t: np.array(t.astype(mx.float32))[0]  # noqa: E731
+    for n in [7, 1, 1, 40, *[1] * 290, 5, *[1] * 20, 400, 1, 2]:
+        k, v = (rng.standard_normal((4, n, 16)).astype(np.float32) for _ in range(2))
+        if n == 1:
+            host.append(k[:, 0], v[:, 0])
+            ref.update_and_fetch(mx.array(k)[None], mx.array(v)[None])
+            m = len(ref)
+            got = [host._load(t[:, :m]) for t in (host.keys, host.values)]
+            want = [as_f32(t[:, :, :m]) for t in (ref.keys, ref.values)]
+        else:
+            got = list(host.extend(k, v))
+            want = [as_f32(t) for t in ref.update_and_fetch(mx.array(k)[None], mx.array(v)[None])[:2]]
+        assert host.offset == ref.offset and len(host) == len(ref)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w)
+    assert host.nbytes == 2 * host.keys.nbytes and host.keys.shape[1] == 300  # window of a copy
+
+
+def test_bf16_rounding_matches_mlx():
+    """float32 -> bfloat16 in numpy (the host caches) rounds as MLX does, ties to even."""
+    from mlx_voxtral.cache import _from_bf16, _to_bf16
+
+    x = np.random.default_rng(6).standard_normal(100000).astype(np.float32) * 10
+    ties = (np.arange(1, 2000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # halfway cases
+    x = np.concatenate([x, ties, -ties, np.float32([0, -0.0, 1e-40, 3e38, np.inf, -np.inf])])
+    ref = np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
+    assert np.array_equal(_from_bf16(_to_bf16(x)), ref)
