@@ -13,11 +13,12 @@ quantized layers rounded to 8 bits per group), through the native code of
 * attention over more than one query runs in a native sliding-window kernel, and the
   SwiGLU gate on all cores.
 
-The kernels run outside MLX's graph: the input is evaluated, multiplied through a
-zero-copy view, and the result wrapped as a new array; attention and feed-forward layers
-stay in numpy from their input to their output (only the KV caches are MLX arrays).
-``use_cpu_kernels`` switches a loaded model's layers to these classes (same parameters,
-different ``__call__``).
+The kernels run outside MLX's graph, on float32 numpy rows: the decoder from its input
+embeddings to the LM head (residual stream, norms and RoPE in numpy, one MLX evaluation per
+step), the encoder's attention and feed-forward layers from their input to their output,
+with keys and values in numpy ring buffers (``HostKVCache``). ``use_cpu_kernels`` switches
+a loaded model's modules to these classes (same parameters, different ``__call__``); a
+layer whose weights the kernels do not take runs in MLX as before.
 """
 
 from __future__ import annotations
@@ -162,12 +163,12 @@ def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
 
 
 class CPUAttention(Attention):
-    """``Attention`` outside MLX's graph but for the caches: q, k and v projected in one
-    pass, RoPE in numpy; many queries (the encoder's blocks, a prompt) in the native
-    sliding-window kernel, about 25x faster than MLX's CPU fallback at 1500 x 2250 and
-    never holding the [queries, keys] score matrix; one query (a decode step) over a
-    bfloat16 cache straight from it (5 ms against MLX's 16 ms over a float32 copy, 32
-    heads x 8192 keys); the output projection straight from the result."""
+    """``Attention`` outside MLX's graph: q, k and v projected in one pass, RoPE in numpy,
+    keys and values in a ``HostKVCache``; many queries (the encoder's blocks, a prompt) in
+    the native sliding-window kernel, about 25x faster than MLX's CPU fallback at 1500 x
+    2250 and never holding the [queries, keys] score matrix; one query (a decode step) over
+    the bfloat16 cache in place (5 ms against MLX's 16 ms over a float32 copy, 32 heads x
+    8192 keys); the output projection straight from the result."""
 
     def _plan(self):
         """(q/k/v product, output product, q/k/v/o biases), or None where the native

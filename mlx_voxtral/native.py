@@ -9,7 +9,7 @@ are scalar loops, and its attention and elementwise ops run on one core. Measure
 ===============================  ==========  ============================
 one row, float32                 20-39 ms    6-8 ms (OpenBLAS sgemv)
 one row, bfloat16                34-50 ms    1.25 ms (native, ~45 GB/s)
-one row, 4-bit (group 64)        26-32 ms    0.43 ms (native, 8-bit x)
+one row, 4-bit (group 64)        26-32 ms    0.30 ms (native, 8-bit x)
 eight rows, bfloat16                         4.4 ms (native)
 float32 matmul, 1024 rows        5 GFLOP/s   ~230 GFLOP/s (OpenBLAS)
 attention, 1500 x 2249 keys      1.65 s      62 ms (native, 32 heads)
