@@ -10,7 +10,43 @@ import numpy as np
 Mask = Optional[Union[str, mx.array]]
 
 
-class KVCache:
+class _SlidingWindow:
+    """Position bookkeeping of a sliding-window KV cache: ``offset`` counts every position
+    ever written, at most ``window`` are kept; single positions go into a ring buffer that
+    grows in steps of ``step`` up to the window."""
+
+    step = 256
+
+    def __init__(self, window: int):
+        self.window = window
+        self.offset = 0
+        self._idx = 0  # next ring slot; equals the filled length until the ring wraps
+        self.keys = self.values = None
+
+    def __len__(self) -> int:
+        return min(self.offset, self.window)
+
+    def _order(self) -> list[slice]:
+        """The ring's slots holding the cached positions, oldest first."""
+        n = len(self)
+        if n < self.window or self._idx in (0, self.window):
+            return [slice(0, n)]
+        return [slice(self._idx, None), slice(0, self._idx)]
+
+    def _next_slot(self, capacity: int) -> int:
+        """Go to the slot of the next single position; returns how many slots the ring
+        (``capacity`` now) must grow by first."""
+        grow = min(self.step, self.window - capacity) if self._idx >= capacity and capacity < self.window else 0
+        if self._idx == self.window:
+            self._idx = 0
+        return grow
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(_SlidingWindow):
     """Keys and values of one attention layer for one stream, bounded by a sliding window.
 
     Positions are absolute (``offset`` counts every position ever written), so RoPE keeps
@@ -20,41 +56,26 @@ class KVCache:
     and return the banded causal mask the chunk needs.
     """
 
-    step = 256
-
     def __init__(self, window: int, dtype: Optional[mx.Dtype] = None):
-        self.window = window
+        super().__init__(window)
         self.dtype = dtype  # storage dtype (None: the keys' own)
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-        self.offset = 0
-        self._idx = 0  # next ring slot; equals the filled length until the ring wraps
-
-    def __len__(self) -> int:
-        return min(self.offset, self.window)
 
     def _ordered(self, x: mx.array) -> mx.array:
         """The cached entries in temporal order."""
-        n = len(self)
-        if n < self.window or self._idx in (0, self.window):
-            return x[:, :, :n]
-        return mx.concatenate([x[:, :, self._idx :], x[:, :, : self._idx]], axis=2)
+        parts = [x[:, :, part] for part in self._order()]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
     def _update_in_place(self, keys: mx.array, values: mx.array):
         B, H, _, D = keys.shape
-        if self.keys is None or (
-            self._idx >= self.keys.shape[2] and self.keys.shape[2] < self.window
-        ):
-            size = min(self.step, self.window - (0 if self.keys is None else self.keys.shape[2]))
-            new_k = mx.zeros((B, H, size, D), keys.dtype)
-            new_v = mx.zeros((B, H, size, values.shape[3]), values.dtype)
+        grow = self._next_slot(0 if self.keys is None else self.keys.shape[2])
+        if grow:
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
                 self.keys = mx.concatenate([self.keys, new_k], axis=2)
                 self.values = mx.concatenate([self.values, new_v], axis=2)
-        if self._idx == self.window:
-            self._idx = 0
         self.keys[:, :, self._idx : self._idx + 1] = keys
         self.values[:, :, self._idx : self._idx + 1] = values
         self.offset += 1
@@ -105,10 +126,6 @@ class KVCache:
             return self._update_in_place(keys, values)
         return self._update_concat(keys, values)
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounding to nearest even as ``astype`` does."""
@@ -120,28 +137,19 @@ def _from_bf16(b: np.ndarray) -> np.ndarray:
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-class HostKVCache:
+class HostKVCache(_SlidingWindow):
     """``KVCache`` in numpy for the CPU layers (``mlx_voxtral.cpu``), which compute outside
     MLX: keys and values ``[H_kv, positions, D]`` stored as bfloat16 bits (uint16) or
     float32, the same sliding window, ring buffer and rounding-before-use rule. A decode
     step writes each layer's key and value in place (through MLX it was a graph and an
     evaluation per layer, ~100 us each)."""
 
-    step = KVCache.step
-
     def __init__(self, window: int, dtype: Optional[mx.Dtype] = None):
         if dtype is not None and dtype != mx.bfloat16:
             raise ValueError(f"host KV caches store bfloat16 or float32 keys, not {dtype}")
-        self.window = window
+        super().__init__(window)
         self.dtype = dtype  # bfloat16, or None: float32
         self.bf16 = dtype is not None
-        self.keys: Optional[np.ndarray] = None
-        self.values: Optional[np.ndarray] = None
-        self.offset = 0
-        self._idx = 0
-
-    def __len__(self) -> int:
-        return min(self.offset, self.window)
 
     def _store(self, x: np.ndarray) -> np.ndarray:
         return _to_bf16(x) if self.bf16 else np.array(x, np.float32)
@@ -150,29 +158,19 @@ class HostKVCache:
         return _from_bf16(x) if self.bf16 else x
 
     def _ordered(self, x: np.ndarray) -> np.ndarray:
-        n = len(self)
-        if n < self.window or self._idx in (0, self.window):
-            return x[:, :n]
-        return np.concatenate([x[:, self._idx :], x[:, : self._idx]], axis=1)
+        return np.concatenate([x[:, part] for part in self._order()], axis=1)
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Store one position's float32 ``keys``/``values`` [H_kv, D]; attend to the first
         ``len(self)`` entries of ``self.keys``/``self.values`` (the ring, in any order)."""
-        capacity = 0 if self.keys is None else self.keys.shape[1]
-        if self._idx >= capacity and capacity < self.window:
-            size = min(self.step, self.window - capacity)
-            dtype = np.uint16 if self.bf16 else np.float32
-            new_k = np.zeros((keys.shape[0], size, keys.shape[1]), dtype)
-            new_v = np.zeros((values.shape[0], size, values.shape[1]), dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = np.concatenate([self.keys, new_k], axis=1)
-                self.values = np.concatenate([self.values, new_v], axis=1)
-        if self._idx == self.window:
-            self._idx = 0
-        self.keys[:, self._idx] = self._store(keys)
-        self.values[:, self._idx] = self._store(values)
+        keys, values = self._store(keys), self._store(values)
+        grow = self._next_slot(0 if self.keys is None else self.keys.shape[1])
+        if grow:
+            new = [np.zeros((t.shape[0], grow, t.shape[1]), t.dtype) for t in (keys, values)]
+            old = [self.keys, self.values]
+            self.keys, self.values = (n if o is None else np.concatenate([o, n], axis=1) for o, n in zip(old, new))
+        self.keys[:, self._idx] = keys
+        self.values[:, self._idx] = values
         self.offset += 1
         self._idx += 1
 
@@ -192,10 +190,6 @@ class HostKVCache:
         self.offset += keys.shape[1]
         self._idx = self.keys.shape[1]
         return self._load(all_k), self._load(all_v)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 class ConvCache:
