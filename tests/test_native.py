@@ -126,7 +126,8 @@ def test_attention_does_not_depend_on_the_chunking():
 
 
 @pytest.mark.parametrize("heads, kv_heads, keys, capacity, head_dim",
-                         [(32, 8, 300, 512, 128), (4, 2, 3, 3, 48), (6, 1, 37, 40, 64), (5, 5, 1, 256, 16)])
+                         [(32, 8, 300, 512, 128), (4, 2, 3, 3, 48), (6, 1, 37, 40, 64), (5, 5, 1, 256, 16),
+                          (8, 2, 129, 130, 32)])
 def test_attention_one_over_a_bf16_cache(heads, kv_heads, keys, capacity, head_dim):
     """A decode step: one query per head over the first ``keys`` of a bfloat16 buffer."""
     rng = np.random.default_rng(keys)
