@@ -158,7 +158,8 @@ class HostKVCache(_SlidingWindow):
         return _from_bf16(x) if self.bf16 else x
 
     def _ordered(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([x[:, part] for part in self._order()], axis=1)
+        parts = [x[:, part] for part in self._order()]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Store one position's float32 ``keys``/``values`` [H_kv, D]; attend to the first
