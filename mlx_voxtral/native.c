@@ -44,14 +44,17 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, 32); return v; }
 INLINE float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-INLINE v8 bf16x8(const uint16_t* p) {
-  v8h h;
-  memcpy(&h, p, 16);
-  v8u u = __builtin_convertvector(h, v8u) << 16;
-  v8 f;
-  memcpy(&f, &u, 32);
-  return f;
-}
+/* bfloat16 -> float32 vectors: the bits moved to the top half of each lane */
+#define BF16_WIDEN(name, vf, vh, vu)               \
+  INLINE vf name(const uint16_t* p) {              \
+    vh h;                                          \
+    memcpy(&h, p, sizeof(h));                      \
+    vu u = __builtin_convertvector(h, vu) << 16;   \
+    vf f;                                          \
+    memcpy(&f, &u, sizeof(f));                     \
+    return f;                                      \
+  }
+BF16_WIDEN(bf16x8, v8, v8h, v8u)
 
 /* a * b + c. The file is compiled with -ffp-contract=off, so every row of a result gets the
    same operations whatever other rows share the call (a stream's logits never depend on
@@ -774,14 +777,7 @@ int mlx_voxtral_attention(int H, int Hkv, int Sq, int Sk, int D, int window, flo
    values 32 dimensions at a time over tiles of keys. */
 
 typedef uint16_t v16h __attribute__((vector_size(32)));
-INLINE v16 bf16x16(const uint16_t* p) {
-  v16h h;
-  memcpy(&h, p, 32);
-  v16u u = __builtin_convertvector(h, v16u) << 16;
-  v16 f;
-  memcpy(&f, &u, 64);
-  return f;
-}
+BF16_WIDEN(bf16x16, v16, v16h, v16u)
 
 /* The totals of 4 vectors (a transposing tree: a third of the instructions of 4 hsum16) */
 INLINE void hsum16x4(const v16* a, float* out) {
