@@ -208,13 +208,13 @@ class Matmuls:
     layer's q, k and v, say).
 
     The weights' addresses are taken once (a decode step multiplies ~100 of them: taking
-    them on every call cost 2 ms per step); the object keeps the arrays alive. ``sources``
-    are the arrays it multiplies, to tell whether a layer's weights were replaced since.
+    them on every call cost 2 ms per step); the object holds the arrays, so the addresses
+    stay valid for as long as it lives.
     """
 
     def __init__(self, weights, group_size: int = 0, bits: int = 0):
         quantized = bits != 0
-        self.sources = [a for w in weights for a in (w if quantized else (w,))]
+        self._arrays = list(weights)  # keeps the buffers behind the addresses alive
         mats = [w[0] if quantized else w for w in weights]
         self.k = mats[0].shape[1] * (32 // bits if quantized else 1)
         ns = [w.shape[0] for w in mats]
@@ -324,8 +324,8 @@ def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def attention_one(q: np.ndarray, k, v, n: int, scale: float) -> np.ndarray:
     """One query per head over a bfloat16 KV cache: float32 ``q`` [H, D]; ``k``/``v`` the
-    cache's evaluated, row-contiguous bfloat16 MLX buffers [..., Hkv, capacity, D] of which the
-    first ``n`` keys are used -> ``[H * D]``."""
+    cache's row-contiguous bfloat16 buffers [..., Hkv, capacity, D] (a ``HostKVCache``'s
+    uint16 bits, or evaluated MLX arrays) of which the first ``n`` keys are used -> ``[H * D]``."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     h, d = q.shape
     hkv, capacity, _ = k.shape[-3:]
