@@ -12,8 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
-from .cpu import cpu_kernels_wanted, use_cpu_kernels
-from .exceptions import CheckpointError
+from .exceptions import CheckpointError, InvalidRequestError
 from .model import Model
 from .quantize import (
     QuantizeArg,
@@ -25,6 +24,8 @@ from .quantize import (
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+BACKENDS = ("auto", "mlx", "cpu")
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _MATMUL_LAYERS = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
 _REPO_FILES = ["params.json", "tekken.json", "*.safetensors", "*.safetensors.index.json", "README.md"]
 
@@ -79,6 +80,11 @@ def load_weights(path: Path) -> dict[str, mx.array]:
         except Exception as e:
             raise CheckpointError(f"cannot read {f}: {e}") from e
     return weights
+
+
+def _stored_part_error(path: str):
+    raise CheckpointError(f"the checkpoint stores {path} quantized, but its quantization block leaves that part in "
+                          "full precision")
 
 
 def _check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
@@ -152,12 +158,49 @@ def _materialize(
             progress(done, len(groups))
 
 
+def parse_dtype(dtype: Union[None, str, mx.Dtype]) -> Optional[mx.Dtype]:
+    """``None``, an ``mx.Dtype`` or its name ("float32", "float16", "bfloat16")."""
+    if dtype is None or (isinstance(dtype, mx.Dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)} (or an mx.Dtype), got {dtype!r}")
+
+
+def resolve_backend(backend: Optional[str] = None) -> str:
+    """``"mlx"`` or ``"cpu"`` for a choice of ``"auto"``, ``"mlx"`` or ``"cpu"`` (``None``:
+    ``$MLX_VOXTRAL_BACKEND``, else ``"auto"``).
+
+    ``"auto"`` is the CPU backend on Linux computing on the CPU where its kernels build, the
+    plain MLX modules everywhere else (Apple Silicon, a GPU). Asking for ``"cpu"`` where it
+    cannot run is an ``InvalidRequestError`` that says why.
+    """
+    if backend is None:
+        backend = os.environ.get("MLX_VOXTRAL_BACKEND") or "auto"
+    if backend not in BACKENDS:
+        raise InvalidRequestError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "mlx":
+        return "mlx"
+    from . import cpu
+
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    if backend == "auto":
+        return "cpu" if on_cpu and cpu.available() else "mlx"
+    if not on_cpu:
+        raise InvalidRequestError(f"backend 'cpu' needs MLX to compute on the CPU, but its default device is "
+                                  f"{mx.default_device()}")
+    if not cpu.available():
+        raise InvalidRequestError(f"backend 'cpu' cannot run here: {cpu.unavailable_reason()}")
+    return "cpu"
+
+
 def load(
     path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL,
-    dtype: Optional[mx.Dtype] = None,
+    dtype: Union[None, str, mx.Dtype] = None,
     quantize: QuantizeArg = None,
     group_size: int = 64,
     progress: Optional[Callable[[int, int], None]] = None,
+    backend: Optional[str] = None,
 ) -> Model:
     """Load a Voxtral Realtime model and its tokenizer (``model.tokenizer``).
 
@@ -165,11 +208,9 @@ def load(
         path_or_repo: a folder with ``params.json``, ``*.safetensors`` and ``tekken.json``
             (Mistral's native checkpoint, or one written by ``mlx_voxtral.convert``, quantized
             or not), or a Hugging Face repo id (downloaded and cached).
-        dtype: dtype of the floating weights (and of quantization scales); ``None`` keeps the
-            checkpoint's for the matmul weights and, on CPU, makes every other parameter
-            float32 so that activations are float32 (MLX's half-precision CPU arithmetic is
-            slow and inexact; the CPU matmuls of ``mlx_voxtral.cpu`` read half-precision and
-            quantized weights directly).
+        dtype: dtype of the floating weights (and of quantization scales): an ``mx.Dtype`` or
+            ``"float32"``, ``"float16"``, ``"bfloat16"``. ``None`` keeps the checkpoint's (on the
+            CPU backend: for the matmul weights; every other parameter becomes float32 there).
         quantize: quantize while loading, layer by layer: 4 or 8 (decoder, encoder and
             embedding/LM head at that width, the adapter at 8 bits: the policy measured in
             ``mlx_voxtral.quantize``), or a dict such as ``{"decoder": 4, "encoder": 8,
@@ -178,13 +219,19 @@ def load(
         group_size: weights per quantization group (32, 64 or 128) when quantizing;
             a layer whose input size it does not divide stays full precision.
         progress: called as ``progress(groups_done, groups_total)`` while weights load.
+        backend: ``"mlx"`` (the plain MLX modules: what a Mac runs), ``"cpu"`` (the Linux CPU
+            backend, ``mlx_voxtral.cpu``) or ``"auto"``; default ``$MLX_VOXTRAL_BACKEND`` or
+            ``"auto"`` (see ``resolve_backend``). ``model.backend`` says which one runs.
 
     Raises:
         CheckpointError: not a Voxtral Realtime checkpoint, weights that do not match, or
             ``quantize`` given for an already quantized folder.
-        InvalidRequestError: unsupported ``quantize`` bits or ``group_size``.
+        InvalidRequestError: unsupported ``quantize`` bits, ``group_size``, ``dtype`` or
+            ``backend``.
     """
+    dtype = parse_dtype(dtype)
     config = quantization_config(quantize, group_size)
+    backend = resolve_backend(backend)
     path = resolve_path(path_or_repo)
     args = load_args(path)
     if not (path / "tekken.json").exists():
@@ -192,6 +239,7 @@ def load(
     tokenizer = Tokenizer(path / "tekken.json")
     model = Model(args)
     in_situ = None
+    weights = Model.sanitize(load_weights(path))
     if args.quantization is not None:
         stored = check_stored_config(args.quantization)
         if quantize is not None:
@@ -200,27 +248,24 @@ def load(
                 "quantize, or quantize the original (unquantized) checkpoint instead"
             )
         config = stored
-        # quantized layers whose (lazy, never computed) contents the stored tensors replace
-        nn.quantize(model, class_predicate=class_predicate(config))
+        # mlx-lm's convention: a layer is quantized where the checkpoint stores its scales,
+        # with the bits its part is stored at (the lazy, never computed contents are replaced)
+        bits_of = class_predicate(config)
+        nn.quantize(model, class_predicate=lambda p, m: f"{p}.scales" in weights and (bits_of(p, m) or _stored_part_error(p)))
     elif config is not None:
         in_situ = class_predicate(config)
-    weights = Model.sanitize(load_weights(path))
     _check_weights(model, weights)
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    # On CPU, unless a dtype was asked for, everything but the matmul weights is float32 so
-    # that activations are float32 (MLX's CPU half-precision arithmetic is slow and inexact).
-    float_dtype = mx.float32 if on_cpu and dtype is None else None
+    float_dtype = None
+    if backend == "cpu":
+        from . import cpu
+
+        float_dtype = cpu.FLOAT_DTYPE if dtype is None else None
     _materialize(model, weights, dtype, float_dtype, in_situ, progress)
     args.quantization = config
-    wk = model.decoder.layers[0].attention.wk
-    if float_dtype is not None and (isinstance(wk, nn.QuantizedLinear) or wk.weight.dtype != mx.float32):
-        # float32 activations over half-precision or quantized weights: keys and values are
-        # kept in bfloat16, half the memory and the reads of a float32 cache (the decoder's
-        # full 8192-position window 0.87 GB, the encoder's 750 positions 0.2 GB per stream)
-        model.decoder.cache_dtype = model.encoder.cache_dtype = mx.bfloat16
-    if on_cpu and cpu_kernels_wanted():
-        use_cpu_kernels(model)
+    if backend == "cpu":
+        cpu.install(model)
     model.eval()
+    model.backend = backend
     model.tokenizer = tokenizer
     model.path = path
     return model

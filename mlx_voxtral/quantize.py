@@ -12,34 +12,17 @@ MLPs (``decoder.layers.*.ada_down/ada_up``: 0.2 M parameters per layer that scal
 input) and the Linear biases. A layer whose input dimension is not a multiple of the group
 size is left in full precision too (the tiny test model has such layers).
 
-How the policy was chosen (``mx.quantize`` affine, group size 64, CPU, float32 activations,
-weights quantized from bf16; cosine similarity with the float32 model, and how often the
-argmax agrees when both are fed the float model's tokens, on 5 s of speech):
-
-* One full-size matmul ``x @ W.T`` (random weights shaped like decoder wq/w2, encoder wq/w2,
-  adapter w_in/w_out and the 131072 x 3072 LM head): cosine 0.99997-0.99998 at 8 bits and
-  0.9958-0.9959 at 4 bits for every shape. Per matmul all parts lose the same.
-* The tiny random model (``scripts/make_random_checkpoint.py --preset tiny``), one part at a
-  time at 4 bits, final logits: decoder 0.9809 (argmax 61 %), adapter 0.9852 (65 %),
-  embedding/LM head 0.9958 (77 %), encoder 0.9938 (87 %; at group size 64 only its wo/w2
-  are quantizable there). Everything at 4 bits: 0.9556 (48 %); everything at 8 bits:
-  0.99967 (92 %); plain bf16 with bf16 activations, for scale: 0.99994 (96 %).
-* The adapter is 0.6 % of the parameters but its error is as large as the whole decoder's:
-  keeping it at 8 bits lifts the all-4-bit logits from 0.9556 to 0.9730 (63 %) for 13 MB on
-  the full model. The embedding at 8 bits as well gives 0.9769 for 0.20 GB; the encoder at
-  8 bits 0.9766 for 0.49 GB, which would break the 4-bit memory budget (0.32x bf16).
-
 So ``quantize=8`` is every part at 8 bits and ``quantize=4`` is decoder, embedding and
-encoder at 4 bits with the adapter at 8 (``default_parts``). Mixed settings are a dict, e.g.
+encoder at 4 bits with the adapter at 8 (``default_parts``): the adapter is 0.6 % of the
+parameters but its quantization error is as large as the whole decoder's (the measurements
+behind the policy are in BENCHMARKS.md). Mixed settings are a dict, e.g.
 ``{"decoder": 4, "embedding": 4, "encoder": 8, "adapter": 8}``. Storage per weight at group
 size 64 with bf16 scales and biases: 0.5625 bytes (4-bit), 1.0625 bytes (8-bit), 2 (bf16).
 
-Activation dtype: MLX's CPU ``quantized_matmul`` is accurate and as fast as it gets only with
-float32 activations (bf16 activations measured 14 % relative error and 9x slower). The loader
-therefore keeps the unquantized parameters (norms, conv stem, ada MLPs, biases) in float32
-on CPU, which makes every activation float32; scales and biases of quantized layers stay in
-the checkpoint's dtype (bf16: same accuracy, 6-10 % less memory than float32 scales). On Metal
-everything stays bf16, the usual MLX setting.
+Scales and biases of quantized layers keep the checkpoint's dtype. Which dtype the other
+parameters (norms, conv stem, ada MLPs, biases) and so the activations have is the backend's
+policy: the plain MLX modules keep the checkpoint's (bf16, as on a Mac), the CPU backend makes
+them float32 (``mlx_voxtral.cpu``).
 """
 
 from __future__ import annotations

@@ -1,34 +1,16 @@
-"""Fast CPU paths for MLX on Linux: an optimised BLAS and a few native kernels.
+"""The CPU backend's native code: mlx_voxtral's C kernels and the system BLAS they call.
 
 MLX's Linux CPU wheel links the reference BLAS, its own bfloat16 and quantized CPU matmuls
-are scalar loops, and its attention and elementwise ops run on one core. Measured on a
-2-core x86-64 machine (AMD EPYC, AVX-512; 3072 x 9216 weights unless said):
+are scalar loops, and its attention and elementwise ops run on one core; the kernels here
+multiply float32, bfloat16 and MLX's 4/8-bit weights with float32 rows, attend over sliding
+windows and gate SwiGLU on all cores (their measured speeds are in BENCHMARKS.md).
 
-===============================  ==========  ============================
-                                 MLX alone   with this module
-===============================  ==========  ============================
-one row, float32                 20-39 ms    6-8 ms (OpenBLAS sgemv)
-one row, bfloat16                34-50 ms    1.25 ms (native, ~45 GB/s)
-one row, 4-bit (group 64)        26-32 ms    0.30 ms (native, 8-bit x)
-eight rows, bfloat16                         4.4 ms (native)
-float32 matmul, 1024 rows        5 GFLOP/s   ~230 GFLOP/s (OpenBLAS)
-attention, 1500 x 2249 keys      1.65 s      62 ms (native, 32 heads)
-SwiGLU gate, 1500 x 5120         106 ms      12 ms (native)
-===============================  ==========  ============================
-
-What it does, before ``mlx.core`` is imported (symbols bind at load time):
-
-1. Loads the system's OpenBLAS (or BLIS/MKL) with ``RTLD_GLOBAL`` so MLX's ``cblas_*`` calls
-   resolve to it.
-2. Compiles ``native.c`` once with the system C compiler (cached under
-   ``~/.cache/mlx_voxtral``, keyed by source and CPU) and loads it in front of the BLAS: its
-   ``cblas_sgemm`` takes the few-row products OpenBLAS handles badly (it packs the whole
-   weight matrix) and passes everything else on. It also holds the bfloat16 and 4/8-bit
-   matmuls, the attention kernels and the SwiGLU gate that ``mlx_voxtral.cpu`` uses.
-
-``MLX_VOXTRAL_SYSTEM_BLAS=0`` turns everything off (or names the BLAS library to use);
-``MLX_VOXTRAL_NATIVE=0`` keeps the BLAS but skips the compiled library. Nothing is done on
-macOS, where MLX uses Accelerate and Metal.
+``load()`` (called when a model is loaded with the CPU backend, never at import) compiles
+``native.c`` once with the system C compiler (cached under ``~/.cache/mlx_voxtral``, keyed by
+source and CPU), loads it privately (``RTLD_LOCAL``) and has it open the system BLAS privately
+too: the kernels call the BLAS themselves, nothing is put under MLX, so the order in which
+``mlx`` and ``mlx_voxtral`` are imported changes nothing. The switches are parsed in
+``mlx_voxtral.cpu.config``.
 """
 
 from __future__ import annotations
@@ -37,16 +19,19 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
+import threading
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from . import config
 
 _CANDIDATES = [
     "libopenblas.so.0",
@@ -59,13 +44,11 @@ _SOURCE = Path(__file__).with_name("native.c")
 
 FEW_ROWS = 8  # the native kernels' row limit (FEW_ROWS in native.c)
 
-loaded: Optional[str] = None  # the BLAS in use, if any
-library: Optional[str] = None  # the compiled native library in use, if any
+blas: Optional[str] = None  # the BLAS the kernels call, once loaded
+library: Optional[str] = None  # the compiled native library, once loaded
 _lib: Optional[ctypes.CDLL] = None
-
-
-def _off(value: str) -> bool:
-    return value.lower() in ("0", "false", "off", "no")
+_error: Optional[str] = None
+_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
@@ -82,47 +65,101 @@ def _cpu_id() -> str:
         return ""
 
 
-def _build() -> Optional[Path]:
-    """Compile native.c once per source and CPU (cached); None without a C compiler."""
+def _build() -> Path:
+    """Compile native.c with OpenMP once per source, CPU and compiler (cached)."""
+    compiler = config.compiler()
+    if compiler is None:
+        raise OSError("no C compiler (set CC, or install gcc)")
     source = _SOURCE.read_text()
-    digest = hashlib.sha256((source + _cpu_id()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source + _cpu_id() + compiler).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native-{digest}.so"
     if target.exists():
         return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
     target.parent.mkdir(parents=True, exist_ok=True)
-    # OpenMP gives the kernels their threads; without it only the sgemv forwarding is built.
-    for flags in (["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"], ["-O2", "-ffp-contract=off"]):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "native.so"
-            try:
-                subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(_SOURCE), "-ldl", "-lm"],
-                               check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            os.replace(out, target)  # atomic: concurrent first runs never see half a file
-            return target
-    return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "native.so"
+        flags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+        proc = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(out), str(_SOURCE), "-ldl", "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise OSError(f"compiling native.c failed: {proc.stderr.strip()[-500:]}")
+        os.replace(out, target)  # atomic: concurrent first runs never see half a file
+    return target
 
 
-def _find_blas(choice: str) -> Optional[str]:
-    """The first loadable BLAS (probed locally: global symbols come later, in order)."""
-    candidates = [choice] if choice.lower() not in ("1", "true", "on", "yes") else []
+_PROBE = """
+import ctypes, json, sys
+for name in sys.argv[1:]:
+    try:
+        lib = ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL)
+    except OSError:
+        continue
+    try:
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        core = lib.openblas_get_corename().decode()
+    except AttributeError:
+        core = None
+    print(json.dumps([name, core]))
+    break
+"""
+# OpenBLAS kernels for CPUs with AVX2/FMA and with AVX-512 (names openblas_get_corename gives)
+_AVX2_CORES = {"Haswell", "Skylake", "SkylakeX", "Cooperlake", "SapphireRapids", "Zen"}
+_AVX512_CORES = {"SkylakeX", "Cooperlake", "SapphireRapids"}
+
+
+def _find_blas() -> tuple[str, dict]:
+    """The first BLAS that loads (the one named by the switch, else the usual ones), and the
+    environment to load it with.
+
+    OpenBLAS picks its kernels from the CPU's model number when it loads; a release older than
+    the CPU falls back to generic ones (Debian 12's 0.3.21 on a recent Xeon picks "Prescott",
+    a fifth of its SkylakeX kernels' speed: BENCHMARKS.md). The library is probed in a
+    subprocess (a probe here would fix the choice for this process) and, when it would fall
+    back although the CPU has AVX2 or AVX-512, loaded with ``OPENBLAS_CORETYPE`` naming those
+    kernels (a user's own ``OPENBLAS_CORETYPE`` wins).
+    """
+    choice = config.blas()
     found = ctypes.util.find_library("openblas")
-    for name in candidates + _CANDIDATES + ([found] if found else []):
-        try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_LOCAL)
-        except OSError:
-            continue
-        return name
-    return None
+    candidates = [choice] if choice else _CANDIDATES + ([found] if found else [])
+    key = hashlib.sha256(("\0".join(candidates) + _cpu_id()).encode()).hexdigest()[:16]
+    cached = _cache_dir() / f"blas-{key}.json"
+    try:
+        name, core = json.loads(cached.read_text())
+    except (OSError, ValueError):
+        proc = subprocess.run([sys.executable, "-c", _PROBE, *candidates], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise OSError(f"no BLAS library found (tried {', '.join(candidates)}; install libopenblas0-pthread)")
+        name, core = json.loads(proc.stdout.strip().splitlines()[-1])
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps([name, core]))
+    env = {}
+    if core is not None and "OPENBLAS_CORETYPE" not in os.environ:
+        flags = set(" ".join(line.split(":", 1)[1] for line in _cpu_id().splitlines() if line.startswith("flags")).split())
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags and core not in _AVX512_CORES | {"Zen"}:
+            env["OPENBLAS_CORETYPE"] = "SkylakeX"
+        elif {"avx2", "fma"} <= flags and core not in _AVX2_CORES:
+            env["OPENBLAS_CORETYPE"] = "Haswell"
+    return name, env
 
 
-# libgomp's spin count for idle threads (3000 and 20000 measured): long enough to bridge
-# most of the Python between a decode step's kernels, short enough not to hold a core
-# through the BLAS call after a kernel.
+@contextlib.contextmanager
+def _environment(values: dict):
+    """``values`` in the environment for the moment a library loads (and reads them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+# libgomp's spin count for idle threads (3000 and 20000 measured, BENCHMARKS.md): long enough
+# to bridge most of the Python between a decode step's kernels, short enough not to hold a
+# core through the BLAS call after a kernel.
 SPIN_COUNT = "20000"
 
 
@@ -130,14 +167,12 @@ SPIN_COUNT = "20000"
 def _short_spin_openmp():
     """Load OpenMP with idle threads that spin briefly, then sleep.
 
-    The kernels' OpenMP threads and OpenBLAS's own threads take turns on the same cores.
-    Spinning for long (libgomp's default, or active) steals a core from the BLAS call that
-    follows (a 30 s encoder block in bf16: 35 s with active threads, 19-20 s passive);
-    sleeping at once makes every kernel wait for its threads to wake (a 4-bit decode step:
-    121 ms passive, 96 ms active). A short spin gets both: encoder 18-20 s, decode 102 ms.
-    libgomp reads the settings once, when it loads, so the variables are set only for that
-    moment (OMP_WAIT_POLICY=passive for other OpenMP runtimes). A user's own
-    OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    The kernels' OpenMP threads and OpenBLAS's own threads take turns on the same cores:
+    spinning for long steals a core from the BLAS call that follows, sleeping at once makes
+    every kernel wait for its threads to wake; a short spin avoids both. libgomp reads the
+    settings once, when it loads, so the variables are set only for that moment
+    (OMP_WAIT_POLICY=passive for other OpenMP runtimes). A user's own OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT wins.
     """
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         yield
@@ -149,43 +184,42 @@ def _short_spin_openmp():
         del os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"]
 
 
-def use_system_blas() -> Optional[str]:
-    """Load the optimised BLAS and the native library globally; return the BLAS name or None."""
-    global loaded, library, _lib
-    choice = os.environ.get("MLX_VOXTRAL_SYSTEM_BLAS", "1")
-    if loaded or not sys.platform.startswith("linux") or _off(choice):
-        return loaded
-    if "mlx.core" in sys.modules:
-        warnings.warn(
-            "mlx was imported before mlx_voxtral, so the system BLAS could not be put in front "
-            "of MLX's reference BLAS (CPU matmuls will be slow). Import mlx_voxtral first.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    name = _find_blas(choice)
-    if name is None:
-        return None
-    # The native library goes first in the global scope so that its cblas_sgemm wins; it
-    # then loads the BLAS globally itself (providing every other cblas_* symbol).
-    path = None if _off(os.environ.get("MLX_VOXTRAL_NATIVE", "1")) else _build()
-    if path is not None:
+def load() -> bool:
+    """Build and load the kernels and their BLAS (once); False, with ``error()`` saying why,
+    where they cannot be had (not Linux, no compiler, no BLAS, no OpenMP)."""
+    global blas, library, _lib, _error
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib is not None
         try:
+            if not config.platform_supported():
+                raise OSError("the CPU backend runs on Linux only")
+            name, env = _find_blas()
+            path = _build()
             with _short_spin_openmp():
-                lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-            if lib.mlx_voxtral_blas_init(name.encode()) == 0:
-                lib.mlx_voxtral_read_sum.restype = ctypes.c_float
-                library, _lib = str(path), lib
-        except OSError:
-            pass
-    ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-    loaded = name
-    return loaded
+                lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+            with _environment(env):
+                status = lib.mlx_voxtral_blas_init(name.encode())
+            if status != 0:
+                raise OSError(f"{name} has no cblas_sgemm/cblas_sgemv")
+            if not lib.mlx_voxtral_kernels():
+                raise OSError("the kernels were built without OpenMP")
+            lib.mlx_voxtral_read_sum.restype = ctypes.c_float
+        except (OSError, subprocess.SubprocessError) as e:
+            _error = str(e)
+            return False
+        blas, library, _lib = name, str(path), lib
+        return True
+
+
+def error() -> Optional[str]:
+    """Why ``load`` failed, if it did."""
+    return _error
 
 
 def kernels_available() -> bool:
-    """True when the few-row bfloat16 / quantized kernels are compiled and loaded."""
-    return _lib is not None and bool(_lib.mlx_voxtral_kernels())
+    """True when the kernels are loaded (``load`` succeeded)."""
+    return _lib is not None
 
 
 def _pointer(array) -> ctypes.c_void_p:
@@ -203,13 +237,12 @@ def _pointers(arrays) -> ctypes.Array:
 
 class Matmuls:
     """``[x @ w.T for w in weights]`` for float32 rows ``x`` [M, K], several weights of one
-    format (bfloat16 MLX arrays [N_i, K], or MLX's affine quantized ``(weight, scales,
-    biases)`` with ``group_size`` and ``bits``) in one pass of the few-row kernels (a
+    format (float32 or bfloat16 MLX arrays [N_i, K], or MLX's affine quantized ``(weight,
+    scales, biases)`` with ``group_size`` and ``bits``) in one pass of the few-row kernels (a
     layer's q, k and v, say).
 
-    The weights' addresses are taken once (a decode step multiplies ~100 of them: taking
-    them on every call cost 2 ms per step); the object holds the arrays, so the addresses
-    stay valid for as long as it lives.
+    The weights' addresses are taken once (a decode step multiplies ~100 of them); the object
+    holds the arrays, so the addresses stay valid for as long as it lives.
     """
 
     def __init__(self, weights, group_size: int = 0, bits: int = 0):
@@ -221,6 +254,7 @@ class Matmuls:
         self.ns = (ctypes.c_int * len(ns))(*ns)
         self.group_size, self.bits = group_size, bits
         self.pointers = [_pointers(mats)]
+        self.f32 = not quantized and mats[0].itemsize == 4
         if quantized:
             self.pointers += [_pointers([w[1] for w in weights]), _pointers([w[2] for w in weights])]
             self.scales_bf16 = int(weights[0][1].itemsize == 2)
@@ -233,6 +267,9 @@ class Matmuls:
         ys = [np.empty((m, n), np.float32) for n in self.ns]
         out = (ctypes.c_void_p * len(ys))(*(y.ctypes.data for y in ys))
         xp = x.ctypes.data_as(ctypes.c_void_p)
+        if self.f32:
+            _lib.mlx_voxtral_f32mm(len(ys), m, self.ns, k, xp, self.pointers[0], out)
+            return ys
         if not self.bits:
             if _lib.mlx_voxtral_bf16mm(len(ys), m, self.ns, k, xp, self.pointers[0], out):
                 raise MemoryError("no memory for a weight tile")

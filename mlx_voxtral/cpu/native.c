@@ -1,9 +1,9 @@
-/* Native CPU code for mlx_voxtral on Linux, compiled once with the system C compiler.
+/* Native CPU code for mlx_voxtral's CPU backend (Linux), compiled once with the system C
+ * compiler and loaded privately (RTLD_LOCAL): nothing here replaces a symbol of MLX or of any
+ * other library, and the BLAS it calls is opened privately too.
  *
- * 1. cblas_sgemm interposer: MLX's CPU backend calls cblas_sgemm for every fp32 matmul.
- *    Loaded before the BLAS, this library takes the calls that BLAS (OpenBLAS 0.3.21)
- *    handles badly -- a few rows times a large weight matrix, where it packs the whole
- *    matrix -- and passes everything else through.
+ * 1. float32 matmuls x @ W^T: a few rows (decoding) stream W once on all cores, where the
+ *    BLAS (OpenBLAS 0.3.21) packs the whole matrix first; many rows go to the BLAS.
  * 2. Matmuls for weights MLX's CPU backend multiplies slowly -- affine 4/8-bit quantized
  *    (MLX's packing) and bfloat16 -- with float32 activations (rounded to 8 bits per group
  *    for quantized weights). A few rows (decoding) stream the weights once on all cores
@@ -26,7 +26,7 @@ static sgemm_t real_sgemm;
 static sgemv_t real_sgemv;
 
 int mlx_voxtral_blas_init(const char* library) {
-  void* handle = dlopen(library, RTLD_NOW | RTLD_GLOBAL);
+  void* handle = dlopen(library, RTLD_NOW | RTLD_LOCAL);
   if (!handle) return 1;
   real_sgemm = (sgemm_t)dlsym(handle, "cblas_sgemm");
   real_sgemv = (sgemv_t)dlsym(handle, "cblas_sgemv");
@@ -456,7 +456,9 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
    at a time (integer with VNNI unless allow_integer is 0, else float), more through float
    tiles and the BLAS. Returns nonzero for an unsupported format, 2 without memory for the
    scratch. */
+#ifndef MANY_ROWS
 #define MANY_ROWS 64
+#endif
 int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, const float* x,
                     const uint32_t* const* ws, const void* const* scales_, const void* const* biases_, int bf16,
                     int allow_integer, float* const* ys) {
@@ -938,24 +940,21 @@ int mlx_voxtral_kernels(void) { return 1; }
 int mlx_voxtral_kernels(void) { return 0; }
 #endif
 
-void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha,
-                 const float* A, int lda, const float* B, int ldb, float beta,
-                 float* C, int ldc) {
-  if (order == RowMajor) {
+/* y_i [M, N_i] = x [M, K] @ w_i^T for `count` float32 matrices w_i [N_i, K]: the few-row
+   kernel up to FEW_ROWS rows, the BLAS beyond (one sgemv for a single row without OpenMP). */
+int mlx_voxtral_f32mm(int count, int M, const int* Ns, int K, const float* x, const float* const* ws,
+                      float* const* ys) {
+  for (int i = 0; i < count; i++) {
 #ifdef _OPENMP
-    if (M <= FEW_ROWS && ta == NoTrans && tb == Trans) {  /* x @ W.T with W [N, K] */
-      few_rows_sgemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-      return;
+    if (M <= FEW_ROWS) {
+      few_rows_sgemm_nt(M, Ns[i], K, 1.0f, x, K, ws[i], K, 0.0f, ys[i], Ns[i]);
+      continue;
     }
 #endif
-    if (M == 1) {  /* C[1, N] = alpha op(A) op(B) + beta C as one sgemv over B */
-      int incx = ta == NoTrans ? 1 : lda;
-      if (tb == NoTrans)  /* B is [K, N]: y = B^T x */
-        real_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, incx, beta, C, 1);
-      else                /* B is [N, K]: y = B x */
-        real_sgemv(RowMajor, NoTrans, N, K, alpha, B, ldb, A, incx, beta, C, 1);
-      return;
-    }
+    if (M == 1)
+      real_sgemv(RowMajor, NoTrans, Ns[i], K, 1.0f, ws[i], K, x, 1, 0.0f, ys[i], 1);
+    else
+      real_sgemm(RowMajor, NoTrans, Trans, M, Ns[i], K, 1.0f, x, K, ws[i], K, 0.0f, ys[i], Ns[i]);
   }
-  real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  return 0;
 }

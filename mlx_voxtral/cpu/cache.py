@@ -1,0 +1,182 @@
+"""The CPU backend's caches: numpy rings per stream, behind the batch interface of
+``mlx_voxtral.cache`` (rows, ``prepare``/``finalize``, ``add_row``/``reset_row``/``remove_row``).
+
+The CPU layers compute outside MLX, on float32 numpy rows, so their keys and values live in
+numpy too: a decode step writes each layer's key and value in place (through MLX it would be a
+graph and an evaluation per layer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as MLX's ``astype`` does."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+class HostKVCache:
+    """Keys and values of one attention layer for one stream, bounded by a sliding window.
+
+    Keys and values ``[H_kv, positions, D]`` are stored as bfloat16 bits (uint16) or float32.
+    Positions are absolute (``offset`` counts every position written; RoPE keeps growing while
+    at most ``window`` keys are kept). Single positions go into a ring buffer that grows in
+    steps of ``step`` up to the window; a chunk of several positions keeps the last
+    ``window - 1`` cached keys before it. New keys are rounded to the storage dtype before
+    they are used, so a position sees the same keys whether they are new or cached.
+    """
+
+    step = 256
+
+    def __init__(self, window: int, bf16: bool):
+        self.window = window
+        self.bf16 = bf16
+        self.offset = 0
+        self._idx = 0  # next ring slot; equals the filled length until the ring wraps
+        self.keys: Optional[np.ndarray] = None
+        self.values: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return min(self.offset, self.window)
+
+    def _store(self, x: np.ndarray) -> np.ndarray:
+        return to_bf16(x) if self.bf16 else np.array(x, np.float32)
+
+    def load(self, x: np.ndarray) -> np.ndarray:
+        """Stored keys or values as float32."""
+        return from_bf16(x) if self.bf16 else x
+
+    def _ordered(self, x: np.ndarray) -> np.ndarray:
+        """The cached entries in temporal order."""
+        n = len(self)
+        if n < self.window or self._idx in (0, self.window):
+            return x[:, :n]
+        return np.concatenate([x[:, self._idx :], x[:, : self._idx]], axis=1)
+
+    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store one position's float32 ``keys``/``values`` [H_kv, D]; attend to the first
+        ``len(self)`` entries of ``self.keys``/``self.values`` (the ring, in any order)."""
+        keys, values = self._store(keys), self._store(values)
+        capacity = 0 if self.keys is None else self.keys.shape[1]
+        if self._idx >= capacity and capacity < self.window:
+            grow = min(self.step, self.window - capacity)
+            new = [np.zeros((t.shape[0], grow, t.shape[1]), t.dtype) for t in (keys, values)]
+            old = [self.keys, self.values]
+            self.keys, self.values = (n if o is None else np.concatenate([o, n], axis=1) for o, n in zip(old, new))
+        if self._idx == self.window:
+            self._idx = 0
+        self.keys[:, self._idx] = keys
+        self.values[:, self._idx] = values
+        self.offset += 1
+        self._idx += 1
+
+    def extend(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store n positions' float32 ``keys``/``values`` [H_kv, n, D]; return the float32
+        keys and values they attend to: the last ``window - 1`` cached ones, in order, then
+        the new ones (rounded to the storage dtype)."""
+        new_k, new_v = self._store(keys), self._store(values)
+        if self.keys is None:
+            all_k, all_v = new_k, new_v
+        else:
+            keep = self.window - 1
+            past_k, past_v = (self._ordered(t)[:, max(len(self) - keep, 0) :] for t in (self.keys, self.values))
+            all_k, all_v = np.concatenate([past_k, new_k], axis=1), np.concatenate([past_v, new_v], axis=1)
+        self.keys = np.ascontiguousarray(all_k[:, -self.window :])
+        self.values = np.ascontiguousarray(all_v[:, -self.window :])
+        self.offset += keys.shape[1]
+        self._idx = self.keys.shape[1]
+        return self.load(all_k), self.load(all_v)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class HostLayerCaches:
+    """Every layer's ``HostKVCache`` for every row of a batch (``rows[r][layer]``)."""
+
+    def __init__(self, n_layers: int, window: int, bf16: bool):
+        self.n_layers, self.window, self.bf16 = n_layers, window, bf16
+        self.rows: list[list[HostKVCache]] = []
+        self.pass_rows = slice(0, 0)
+        self.lengths: list[int] = []
+
+    def _fresh(self) -> list[HostKVCache]:
+        return [HostKVCache(self.window, self.bf16) for _ in range(self.n_layers)]
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    def add_row(self) -> int:
+        self.rows.append(self._fresh())
+        return len(self.rows) - 1
+
+    def reset_row(self, row: int) -> None:
+        self.rows[row] = self._fresh()
+
+    def remove_row(self, row: int) -> None:
+        self.rows[row] = self.rows[-1]
+        self.rows.pop()
+
+    def prepare(self, rows: slice, lengths: Sequence[int], length: int) -> None:
+        self.pass_rows, self.lengths = rows, list(lengths)
+
+    def finalize(self) -> None:
+        pass  # host caches advance as they are written
+
+    def active(self) -> list[tuple[int, int]]:
+        """``(index in the pass, real length)`` of the pass's rows that bring positions."""
+        return [(i, n) for i, n in enumerate(self.lengths) if n]
+
+    def layer(self, index: int) -> list[HostKVCache]:
+        """Layer ``index``'s caches of the pass's active rows, in ``active()`` order."""
+        start = self.pass_rows.start
+        return [self.rows[start + i][index] for i, _ in self.active()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for row in self.rows for c in row)
+
+
+class HostEncoderCache(HostLayerCaches):
+    """The encoder's per-row state: the conv stem's tails (float32 numpy) and the layers'
+    caches. ``prepare`` takes lengths in mel frames; the layers see half as many."""
+
+    def __init__(self, n_layers: int, window: int, bf16: bool, conv_keep: Sequence[int], n_mels: int, dim: int):
+        super().__init__(n_layers, window, bf16)
+        self.conv_shapes = [(k, c) for k, c in zip(conv_keep, (n_mels, dim))]
+        self.tails: list[list[np.ndarray]] = []
+
+    def _fresh_tails(self) -> list[np.ndarray]:
+        return [np.zeros(shape, np.float32) for shape in self.conv_shapes]
+
+    def add_row(self) -> int:
+        self.tails.append(self._fresh_tails())
+        return super().add_row()
+
+    def reset_row(self, row: int) -> None:
+        self.tails[row] = self._fresh_tails()
+        super().reset_row(row)
+
+    def remove_row(self, row: int) -> None:
+        self.tails[row] = self.tails[-1]
+        self.tails.pop()
+        super().remove_row(row)
+
+    def prepare(self, rows: slice, lengths: Sequence[int], length: int) -> None:
+        self.mel_lengths = list(lengths)
+        super().prepare(rows, [n // 2 for n in lengths], length // 2)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + sum(t.nbytes for row in self.tails for t in row)
+
