@@ -14,6 +14,6 @@ class AudioAdapter(nn.Module):
         self.w_out = nn.Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        """``x`` [1, S, encoder_dim] with S a multiple of the factor -> [1, S / factor, dim]."""
-        x = x.reshape(1, -1, x.shape[-1] * self.downsample_factor)
+        """``x`` ``[B, S, encoder_dim]`` (S a multiple of the factor) -> ``[B, S / factor, dim]``."""
+        x = x.reshape(x.shape[0], -1, x.shape[-1] * self.downsample_factor)
         return self.w_out(nn.gelu(self.w_in(x)))

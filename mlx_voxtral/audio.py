@@ -247,7 +247,7 @@ def load_audio(source: AudioSource, sample_rate: Optional[int] = None) -> np.nda
 
 
 @lru_cache(maxsize=None)
-def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> mx.array:
+def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Slaney-normalised mel filterbank ``[n_fft // 2 + 1, n_mels]`` (mistral-common's)."""
     from mistral_common.audio import mel_filter_bank
 
@@ -258,27 +258,31 @@ def mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAM
         max_frequency=sample_rate / 2,
         sampling_rate=sample_rate,
     )
-    return mx.array(fb.astype(np.float32))
+    return np.ascontiguousarray(fb, np.float32)
 
 
 @lru_cache(maxsize=None)
-def hann_window(n_fft: int = N_FFT) -> mx.array:
+def hann_window(n_fft: int = N_FFT) -> np.ndarray:
     """Periodic Hann window (``torch.hann_window`` default)."""
-    return mx.array(np.hanning(n_fft + 1)[:-1].astype(np.float32))
+    return np.hanning(n_fft + 1)[:-1].astype(np.float32)
 
 
 def _log_mel_frames(
-    padded: mx.array, n_frames: int, n_mels: int, n_fft: int, hop_length: int,
+    padded: np.ndarray, n_frames: int, n_mels: int, n_fft: int, hop_length: int,
     global_log_mel_max: float | None,
-) -> mx.array:
-    """Log-mel of frames ``j < n_frames`` of an already padded signal (frame j starts at hop*j)."""
-    frames = mx.as_strided(padded, (n_frames, n_fft), (hop_length, 1))
-    spec = mx.fft.rfft(frames * hann_window(n_fft))
-    power = mx.square(mx.abs(spec))
-    mel = power @ mel_filters(n_mels, n_fft)
-    log_spec = mx.log10(mx.maximum(mel, 1e-10))
+) -> np.ndarray:
+    """Log-mel ``[n_frames, n_mels]`` (float32) of frames ``j < n_frames`` of an already padded
+    signal (frame j starts at ``hop_length * j``). On the host, in numpy: a stream's frames
+    never wait on the accelerator, and offline and live compute them alike."""
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop_length][:n_frames]
+    spec = np.fft.rfft(frames * hann_window(n_fft), axis=-1)
+    power = (spec.real**2 + spec.imag**2).astype(np.float32)
+    # einsum, not @: numpy's matmul (its BLAS) sums a single frame differently from many, and
+    # a stream's frames must not depend on how many arrive at once
+    mel = np.einsum("fb,bm->fm", power, mel_filters(n_mels, n_fft))
+    log_spec = np.log10(np.maximum(mel, np.float32(1e-10)))
     floor = (global_log_mel_max if global_log_mel_max is not None else log_spec.max()) - 8.0
-    return (mx.maximum(log_spec, floor) + 4.0) / 4.0
+    return ((np.maximum(log_spec, np.float32(floor)) + 4.0) / 4.0).astype(np.float32)
 
 
 def log_mel_spectrogram(
@@ -293,17 +297,17 @@ def log_mel_spectrogram(
     Centred STFT with reflect padding, power spectrum, the last frame dropped, mel
     projection, ``log10`` floored at ``global_log_mel_max - 8``, then ``(x + 4) / 4``.
     """
-    x = mx.array(audio, dtype=mx.float32)
+    x = np.asarray(audio, dtype=np.float32).reshape(-1)
     pad = n_fft // 2
     if x.shape[0] <= pad:
         raise AudioError(f"audio too short for the STFT: {x.shape[0]} samples, need > {pad}")
-    x = mx.concatenate([x[1 : pad + 1][::-1], x, x[-pad - 1 : -1][::-1]])
+    x = np.concatenate([x[1 : pad + 1][::-1], x, x[-pad - 1 : -1][::-1]])
     n_frames = (x.shape[0] - n_fft) // hop_length  # 1 + len // hop, minus the dropped frame
-    return _log_mel_frames(x, n_frames, n_mels, n_fft, hop_length, global_log_mel_max)
+    return mx.array(_log_mel_frames(x, n_frames, n_mels, n_fft, hop_length, global_log_mel_max))
 
 
 class LogMelStream:
-    """Incremental ``log_mel_spectrogram`` on the global frame grid.
+    """Incremental ``log_mel_spectrogram`` on the global frame grid (numpy in, numpy out).
 
     Frame j is centred on sample ``hop_length * j`` of the stream, exactly as offline. The
     stream must start with silence at least ``n_fft // 2`` samples long (Voxtral's left pad
@@ -324,14 +328,14 @@ class LogMelStream:
         self._buffer = np.zeros(n_fft // 2, np.float32)
         self.frames = 0  # frames emitted so far
 
-    def __call__(self, samples: np.ndarray) -> mx.array:
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
         """Append samples; return every newly complete frame ``[n, n_mels]``."""
         self._buffer = np.concatenate([self._buffer, np.asarray(samples, np.float32)])
         n = (self._buffer.shape[0] - self.n_fft) // self.hop_length + 1
         if n <= 0:
-            return mx.zeros((0, self.n_mels), mx.float32)
+            return np.zeros((0, self.n_mels), np.float32)
         out = _log_mel_frames(
-            mx.array(self._buffer[: (n - 1) * self.hop_length + self.n_fft]),
+            self._buffer[: (n - 1) * self.hop_length + self.n_fft],
             n, self.n_mels, self.n_fft, self.hop_length, self.global_log_mel_max,
         )
         self._buffer = self._buffer[n * self.hop_length :]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .cache import KVCache, LayerCaches
 from .config import ModelArgs
 from .layers import Attention, FeedForward
 
@@ -37,14 +36,8 @@ class DecoderLayer(nn.Module):
         """``1 + up(gelu(down(t_cond)))``: the FFN-norm scale for one delay."""
         return 1 + self.ada_up(nn.gelu(self.ada_down(t_cond)))
 
-    def __call__(
-        self,
-        x: mx.array,
-        scale: mx.array,
-        caches: Sequence[KVCache],
-        lengths: Sequence[int],
-    ) -> mx.array:
-        h = x + self.attention(self.attention_norm(x), caches, lengths)
+    def __call__(self, x: mx.array, scale: mx.array, mask: mx.array, cache: KVCache) -> mx.array:
+        h = x + self.attention(self.attention_norm(x), mask, cache)
         return h + self.feed_forward(self.ffn_norm(h) * scale)
 
 
@@ -52,44 +45,29 @@ class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        # dtype the KV caches store (None: the activations'); on CPU the loader stores
-        # bfloat16 keys and values for half-precision and quantized models
-        self.cache_dtype: Optional[mx.Dtype] = None
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [DecoderLayer(args) for _ in range(args.n_layers)]
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         if not args.tied_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache(self.args.sliding_window, self.cache_dtype) for _ in self.layers]
+    def make_cache(self, max_chunk: int) -> LayerCaches:
+        """Caches for passes of at most ``max_chunk`` positions per row (the prompt)."""
+        return LayerCaches(len(self.layers), self.args.sliding_window, max_chunk)
 
     def ada_scales(self, num_delay_tokens: int) -> list[mx.array]:
         """Per-layer FFN-norm scales for a delay (constant over a stream)."""
-        t_cond = time_embedding(num_delay_tokens, self.args.dim).astype(
-            self.norm.weight.dtype
-        )
+        t_cond = time_embedding(num_delay_tokens, self.args.dim).astype(self.norm.weight.dtype)
         return [layer.ada_scale(t_cond) for layer in self.layers]
 
-    def __call__(
-        self,
-        x: mx.array,
-        scales: Sequence[mx.array],
-        caches: Sequence[Sequence[KVCache]],
-        lengths: Sequence[int],
-        last: Optional[Sequence[int]] = None,
-    ) -> mx.array:
-        """Packed input embeddings ``x`` [1, S, dim] -> logits [1, S, vocab] (of the rows
-        ``last`` only, [1, len(last), vocab], when given: the LM head is the largest matrix).
-
-        ``scales[l]`` is layer l's ada scale ([dim], or [1, S, dim] when packed streams use
-        different delays); ``caches[i]``/``lengths[i]`` describe stream i's rows.
-        """
-        for i, layer in enumerate(self.layers):
-            x = layer(x, scales[i], [c[i] for c in caches], lengths)
-        if last is not None:
-            x = x[:, mx.array(last)]
-        x = self.norm(x)
+    def __call__(self, h: mx.array, scales: list[mx.array], cache: LayerCaches) -> mx.array:
+        """Input embeddings ``h`` ``[B, L, dim]`` -> logits of each row's last position
+        ``[B, vocab]``, with ``cache`` prepared. ``scales[l]`` is layer l's ada scale (``[dim]``,
+        or ``[B, 1, dim]`` for rows of different delays)."""
+        mask = cache.mask
+        for layer, scale, c in zip(self.layers, scales, cache):
+            h = layer(h, scale, mask, c)
+        h = self.norm(h[:, -1])
         if self.args.tied_embeddings:
-            return self.tok_embeddings.as_linear(x)
-        return self.output(x)
+            return self.tok_embeddings.as_linear(h)
+        return self.output(h)

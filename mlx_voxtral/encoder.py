@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import ConvCache, KVCache
+from .cache import ConvCache, EncoderCache, KVCache
 from .config import EncoderArgs
 from .layers import Attention, FeedForward
 
@@ -23,8 +21,7 @@ class CausalConv1d(nn.Module):
         self.bias = mx.zeros((out_channels,))
 
     def __call__(self, x: mx.array, cache: ConvCache) -> mx.array:
-        x = cache.update(x, self.kernel_size - self.stride, self.kernel_size, self.stride)
-        return mx.conv1d(x, self.weight, stride=self.stride) + self.bias
+        return mx.conv1d(cache.update(x), self.weight, stride=self.stride) + self.bias
 
 
 class EncoderLayer(nn.Module):
@@ -43,8 +40,8 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, w2_bias=args.use_biases)
 
-    def __call__(self, x: mx.array, caches: Sequence[KVCache], lengths: Sequence[int]):
-        x = x + self.attention(self.attention_norm(x), caches, lengths)
+    def __call__(self, x: mx.array, mask: mx.array, cache: KVCache) -> mx.array:
+        x = x + self.attention(self.attention_norm(x), mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -54,8 +51,6 @@ class AudioEncoder(nn.Module):
     def __init__(self, args: EncoderArgs):
         super().__init__()
         self.args = args
-        # dtype the KV caches store (None: the activations'); see ``Decoder.cache_dtype``
-        self.cache_dtype: Optional[mx.Dtype] = None
         n_mels = args.audio_encoding_args.num_mel_bins
         self.conv_layers = [
             CausalConv1d(n_mels, args.dim, kernel_size=3, stride=1),
@@ -64,26 +59,17 @@ class AudioEncoder(nn.Module):
         self.layers = [EncoderLayer(args) for _ in range(args.n_layers)]
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
 
-    def make_cache(self) -> tuple[list[ConvCache], list[KVCache]]:
-        return (
-            [ConvCache() for _ in self.conv_layers],
-            [KVCache(self.args.sliding_window, self.cache_dtype) for _ in self.layers],
-        )
+    def make_cache(self, max_frames: int) -> EncoderCache:
+        """Caches for passes of at most ``max_frames`` mel frames per row."""
+        keep = [conv.kernel_size - conv.stride for conv in self.conv_layers]
+        return EncoderCache(len(self.layers), self.args.sliding_window, max_frames // 2, keep)
 
-    def conv_stem(self, mel: mx.array, conv_caches: Sequence[ConvCache]) -> mx.array:
-        """``mel`` [1, T, n_mels] (T even) -> [1, T / 2, dim]."""
+    def __call__(self, mel: mx.array, cache: EncoderCache) -> mx.array:
+        """``mel`` ``[B, T, n_mels]`` (T even) -> ``[B, T / 2, dim]``, with ``cache`` prepared."""
         x = mel
-        for conv, cache in zip(self.conv_layers, conv_caches):
-            x = nn.gelu(conv(x, cache))
-        return x
-
-    def __call__(
-        self, x: mx.array, caches: Sequence[Sequence[KVCache]], lengths: Sequence[int]
-    ) -> mx.array:
-        """Run the transformer on packed conv-stem outputs ``x`` [1, S, dim].
-
-        ``caches[i]`` are stream i's per-layer KV caches, ``lengths[i]`` its rows in ``x``.
-        """
-        for i, layer in enumerate(self.layers):
-            x = layer(x, [c[i] for c in caches], lengths)
+        for conv, c in zip(self.conv_layers, cache.conv):
+            x = nn.gelu(conv(x, c))
+        mask = cache.mask
+        for layer, c in zip(self.layers, cache):
+            x = layer(x, mask, c)
         return self.norm(x)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,14 +10,19 @@ import mlx.nn as nn
 from .cache import KVCache
 
 
-class Attention(nn.Module):
-    """Multi-head attention with interleaved RoPE over packed streams.
+# mlx-lm's models.activations.swiglu, written here: importing mlx_lm imports transformers
+# (3.4 s on a 2-core x86 machine), which a model file should not cost.
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    return nn.silu(gate) * x
 
-    ``x`` is ``[1, S, dim]`` holding several streams' positions back to back; ``lengths``
-    says how many rows belong to each stream and ``caches`` holds each stream's KV cache.
-    Projections run once over all rows (the weight-bound part); RoPE offsets, caches and
-    masks are per stream. Mistral's checkpoints store q/k rows in the interleaved layout,
-    hence ``traditional=True``.
+
+class Attention(nn.Module):
+    """Multi-head attention with interleaved RoPE over a batch of streams.
+
+    ``x`` is ``[B, L, dim]``; ``cache`` gives each row's position offset and stores its keys
+    and values; ``mask`` says which cached slots each query sees. Mistral's checkpoints store
+    q/k rows in the interleaved layout, hence ``traditional=True``.
     """
 
     def __init__(
@@ -41,32 +46,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=o_bias)
 
-    def __call__(
-        self, x: mx.array, caches: Sequence[KVCache], lengths: Sequence[int]
-    ) -> mx.array:
-        _, S, _ = x.shape
-        q = self.wq(x).reshape(1, S, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(1, S, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.wv(x).reshape(1, S, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        outputs = []
-        start = 0
-        for cache, n in zip(caches, lengths):
-            qs, ks, vs = (t[:, :, start : start + n] for t in (q, k, v))
-            start += n
-            rope = dict(traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
-            qs = mx.fast.rope(qs, self.head_dim, **rope)
-            ks = mx.fast.rope(ks, self.head_dim, **rope)
-            ks, vs, mask = cache.update_and_fetch(ks, vs)
-            outputs.append(self.attend(qs, ks, vs, mask, cache))
-        out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-        return self.wo(out)
-
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache: KVCache) -> mx.array:
-        """``q`` [1, H, n, D] (the last n of the keys' positions) over ``k``/``v``
-        [1, H_kv, m, D] (what ``cache`` returned, with ``mask``) -> ``[1, n, H * D]``."""
-        k, v = k.astype(q.dtype), v.astype(q.dtype)  # a cache may store another dtype
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(1, q.shape[2], -1)
+    def __call__(self, x: mx.array, mask: mx.array, cache: KVCache) -> mx.array:
+        B, L, _ = x.shape
+        q = self.wq(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        rope = dict(traditional=True, base=self.rope_theta, scale=1.0, offset=cache.offset)
+        q = mx.fast.rope(q, self.head_dim, **rope)
+        k = mx.fast.rope(k, self.head_dim, **rope)
+        k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.scale,
+                                                   mask=mask)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 class FeedForward(nn.Module):
@@ -79,4 +70,4 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=w2_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))

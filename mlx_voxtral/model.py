@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .adapter import AudioAdapter
-from .cache import ConvCache, KVCache
+from .cache import Cache
 from .config import ModelArgs
 from .decoder import Decoder
 from .encoder import AudioEncoder
@@ -18,79 +18,86 @@ _EMBEDDING = "mm_streams_embeddings.embedding_module."
 
 
 class Model(nn.Module):
+    """Voxtral Realtime over a batch of streams.
+
+    ``encode`` turns each row's next mel frames into audio embeddings (one per 80 ms token);
+    ``__call__`` runs the decoder over each row's next positions (audio embedding plus the
+    text token fed there) and returns the logits of the last one. Both work on a contiguous
+    range of the rows of a ``Cache`` (``make_cache``), each row with its own number of real
+    positions (the rest is padding).
+    """
+
+    # whole 80 ms tokens of audio per row in one encoder pass (the encoder ring's chunk)
+    encode_tokens = 64
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.encoder = AudioEncoder(args.encoder)
         self.adapter = AudioAdapter(args.encoder.dim, args.dim, args.downsample_factor)
         self.decoder = Decoder(args)
-        self._ada_scales: dict[int, list[mx.array]] = {}
+        self._ada: dict = {}
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.decoder.norm.weight.dtype
 
-    def ada_scales(self, num_delay_tokens: int) -> list[mx.array]:
-        """Per-layer delay conditioning, computed once per delay and kept."""
-        if num_delay_tokens not in self._ada_scales:
-            scales = self.decoder.ada_scales(num_delay_tokens)
-            mx.eval(scales)
-            self._ada_scales[num_delay_tokens] = scales
-        return self._ada_scales[num_delay_tokens]
+    @property
+    def mel_frames_per_token(self) -> int:
+        return 2 * self.args.downsample_factor  # conv stem stride 2, then the adapter's grouping
 
-    def embed_audio(
-        self,
-        mels: Sequence[mx.array],
-        conv_caches: Sequence[Sequence[ConvCache]],
-        encoder_caches: Sequence[Sequence[KVCache]],
-    ) -> list[mx.array]:
-        """Encode several streams' next mel frames in one pass.
+    def make_cache(self, max_prompt: int) -> Cache:
+        """State for a batch of streams whose decoder prompts have at most ``max_prompt`` positions."""
+        return Cache(
+            self.encoder.make_cache(self.encode_tokens * self.mel_frames_per_token),
+            self.decoder.make_cache(max_prompt),
+        )
 
-        ``mels[i]`` is stream i's ``[T_i, n_mels]`` block with ``T_i`` a multiple of 8 (whole
-        80 ms tokens). Returns each stream's audio embeddings ``[T_i / 8, dim]``.
-        """
-        frames = [
-            self.encoder.conv_stem(m[None].astype(self.dtype), c)
-            for m, c in zip(mels, conv_caches)
-        ]
-        lengths = [f.shape[1] for f in frames]
-        x = frames[0] if len(frames) == 1 else mx.concatenate(frames, axis=1)
-        x = self.adapter(self.encoder(x, encoder_caches, lengths))[0]
-        out, start = [], 0
-        for n in lengths:
-            n //= self.args.downsample_factor
-            out.append(x[start : start + n])
-            start += n
-        return out
+    def ada_scales(self, delays: Sequence[int]) -> list[mx.array]:
+        """Per-layer FFN-norm scales for rows of the given delays (in tokens): ``[dim]`` each when
+        the rows share one delay, else ``[rows, 1, dim]``. Computed once per delay (and per mix
+        of delays, which rarely changes) and kept."""
+        key = delays[0] if len(set(delays)) == 1 else tuple(delays)
+        if key not in self._ada:
+            if isinstance(key, int):
+                scales = self.decoder.ada_scales(key)
+            else:
+                per_delay = [mx.stack(self.ada_scales([d])) for d in delays]  # [layers, dim] each
+                table = mx.stack(per_delay, axis=1)[:, :, None]  # [layers, rows, 1, dim]
+                scales = [table[i] for i in range(table.shape[0])]
+                if len(self._ada) > 64:  # mixes come and go with a server's sessions
+                    self._ada = {k: v for k, v in self._ada.items() if isinstance(k, int)}
+            self._ada[key] = scales
+        return self._ada[key]
+
+    def encode(self, mel: mx.array, cache: Cache, rows: slice, lengths: Sequence[int]) -> mx.array:
+        """Rows ``rows`` of ``cache`` take their next mel frames ``mel`` ``[n, T, n_mels]``: row i's
+        first ``lengths[i]`` frames are real (whole tokens). Returns ``[n, T / 8, dim]``, of which
+        row i's first ``lengths[i] / 8`` embeddings are real."""
+        cache.encoder.prepare(rows, lengths, mel.shape[1])
+        x = self.adapter(self.encoder(mel.astype(self.dtype), cache.encoder))
+        cache.encoder.finalize()
+        return x
 
     def __call__(
         self,
-        audio_embeds: Sequence[mx.array],
-        tokens: Sequence[mx.array],
-        caches: Sequence[Sequence[KVCache]],
-        num_delay_tokens: Sequence[int],
+        audio_embeds: mx.array,
+        tokens: mx.array,
+        cache: Cache,
+        rows: slice,
+        lengths: Sequence[int],
+        delays: Sequence[int],
     ) -> mx.array:
-        """One decoder pass over several streams' next positions.
-
-        Stream i contributes ``audio_embeds[i]`` [n_i, dim] and the text tokens ``tokens[i]``
-        [n_i] fed at those positions (their sum is the decoder input). Returns logits of the
-        last position of every stream, ``[n_streams, vocab]``.
-        """
-        x = [a + self.decoder.tok_embeddings(t) for a, t in zip(audio_embeds, tokens)]
-        lengths = [e.shape[0] for e in x]
-        x = (x[0] if len(x) == 1 else mx.concatenate(x))[None]
-        if len(set(num_delay_tokens)) == 1:
-            scales = self.ada_scales(num_delay_tokens[0])
-        else:
-            per_stream = [self.ada_scales(d) for d in num_delay_tokens]
-            scales = [
-                mx.concatenate(
-                    [mx.broadcast_to(s[l], (n, s[l].shape[-1])) for s, n in zip(per_stream, lengths)]
-                )[None]
-                for l in range(len(self.decoder.layers))
-            ]
-        last = [sum(lengths[: i + 1]) - 1 for i in range(len(lengths))]
-        return self.decoder(x, scales, caches, lengths, last)[0]
+        """One decoder pass over rows ``rows`` of ``cache``: row i feeds ``lengths[i]`` positions
+        (0: the row sits this pass out), each the sum of its audio embedding
+        (``audio_embeds`` ``[n, L, dim]``) and the text token there (``tokens`` ``[n, L]``), with
+        the delay conditioning of ``delays[i]`` tokens. Returns the logits of each row's last
+        position, ``[n, vocab]``."""
+        cache.decoder.prepare(rows, lengths, tokens.shape[1])
+        h = audio_embeds.astype(self.dtype) + self.decoder.tok_embeddings(tokens)
+        logits = self.decoder(h, self.ada_scales(delays), cache.decoder)
+        cache.decoder.finalize()
+        return logits
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

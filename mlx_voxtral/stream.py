@@ -1,36 +1,36 @@
-"""The state one transcription stream carries: audio front end, caches, pending embeddings.
+"""What one transcription stream carries between steps: its audio front end and its queues.
 
-A ``Stream`` turns 16 kHz samples into decoder inputs incrementally and exactly as the
-offline computation would: mel frames on the global grid, conv tails, encoder and decoder
-KV caches with their sliding windows, and whole 80 ms tokens at every stage. It holds no
-loop; ``generate.py`` (one stream) and the server engine (many streams, batched) drive it.
+A ``StreamState`` turns 16 kHz samples into the decoder's inputs incrementally and exactly as
+the offline computation would: mel frames on the global grid (on the host), whole 80 ms tokens
+handed to the encoder, audio embeddings queued for the decoder, and the decoder's position and
+last token. Its encoder and decoder caches are one row of a batch's ``Cache``; the driver in
+``generate.py`` owns both and runs the passes.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .audio import LogMelStream
 
-# Encoder work is done in blocks of at most this many tokens (80 ms each): 30 s of audio.
-MAX_ENCODE_TOKENS = 375
+# A token to feed: the prompt's ids, or (array, index) of a sampled token not read back yet.
+TokenRef = tuple[mx.array, int]
 
 
-class Stream:
+class StreamState:
     """One stream's transcription state.
 
-    Lifecycle: ``push(samples)`` any number of times, ``finish()`` once; meanwhile the
-    driver alternates ``take_mel``/``add_audio_embeddings`` (encoder work) and
+    Lifecycle: ``push(samples)`` any number of times, ``finish()`` once; meanwhile the driver
+    alternates ``take_mel``/``add_audio_embeddings`` (encoder work) and
     ``decoder_input``/``advance`` (decoder work).
     """
 
     def __init__(self, model, delay_ms: Optional[float] = None):
         tok = model.tokenizer
         enc = model.args.encoder.audio_encoding_args
-        self.model = model
         self.delay_ms = tok.check_delay(delay_ms)
         self.num_delay_tokens = tok.num_delay_tokens(self.delay_ms)
         self.prompt = tok.prompt(self.delay_ms)
@@ -38,24 +38,21 @@ class Stream:
         self.mel_frames_per_token = tok.mel_frames_per_token
         self.left_pad, self.right_pad = tok.padding(self.delay_ms)
         self.mel = LogMelStream(enc.num_mel_bins, enc.window_size, enc.hop_length, enc.global_log_mel_max)
-        self.conv_caches, self.encoder_caches = model.encoder.make_cache()
-        self.decoder_caches = model.decoder.make_cache()
         self.samples = 0  # real audio samples pushed
         self.finished = False
         self.total_positions: Optional[int] = None  # known once finished
-        self._mel_blocks: list[mx.array] = []
+        self._mel_blocks: list[np.ndarray] = []
         self._mel_frames = 0  # mel frames pending in _mel_blocks
         self._mel_frames_taken = 0
         self._embeds: list[mx.array] = []  # audio embeddings not yet fed to the decoder
         self.embedded = 0  # audio positions embedded so far
-        self.position = 0  # decoder positions consumed so far
-        self.last_token: Optional[mx.array] = None  # the token to feed at `position`
+        self.position = 0  # decoder positions dispatched so far
+        self.last_token: Optional[TokenRef] = None  # the token to feed at `position`
         self._add_samples(np.zeros(self.left_pad, np.float32))
 
     # audio side -------------------------------------------------------------------------
     def _add_samples(self, samples: np.ndarray) -> None:
         frames = self.mel(samples)
-        mx.eval(frames)  # nothing lazy is left behind: another thread may continue the stream
         if frames.shape[0]:
             self._mel_blocks.append(frames)
             self._mel_frames += frames.shape[0]
@@ -85,12 +82,12 @@ class Stream:
             n = min(n, self.total_positions - self._mel_frames_taken // self.mel_frames_per_token)
         return max(n, 0)
 
-    def take_mel(self, max_tokens: int = MAX_ENCODE_TOKENS) -> Optional[mx.array]:
+    def take_mel(self, max_tokens: int) -> Optional[np.ndarray]:
         """Pop the mel frames of up to ``max_tokens`` whole tokens (``[8 n, n_mels]``)."""
         n = min(self.pending_tokens(), max_tokens)
         if n == 0:
             return None
-        mel = self._mel_blocks[0] if len(self._mel_blocks) == 1 else mx.concatenate(self._mel_blocks)
+        mel = self._mel_blocks[0] if len(self._mel_blocks) == 1 else np.concatenate(self._mel_blocks)
         frames = n * self.mel_frames_per_token
         rest = mel[frames:]
         self._mel_blocks = [rest] if rest.shape[0] else []
@@ -104,6 +101,11 @@ class Stream:
         self._embeds.append(embeds)
         self.embedded += embeds.shape[0]
 
+    @property
+    def buffered(self) -> int:
+        """Audio embeddings waiting for the decoder."""
+        return self.embedded - self.position
+
     # decoder side -----------------------------------------------------------------------
     @property
     def prefilled(self) -> bool:
@@ -114,21 +116,21 @@ class Stream:
         """True once every audio position has been fed to the decoder."""
         return self.finished and self.position >= self.total_positions
 
-    def decoder_input(self) -> Optional[tuple[mx.array, mx.array]]:
-        """The next decoder step's ``(audio embeddings, token ids)``, or None if not ready.
+    def next_length(self) -> int:
+        """Positions the next decoder pass feeds: the prompt first, then one at a time."""
+        return 1 if self.prefilled else len(self.prompt)
 
-        The first step is the prompt (``len(prompt)`` positions); every later step is one
-        position fed with the previously produced token.
-        """
-        n = len(self.prompt) if not self.prefilled else 1
-        if self.embedded - self.position < n:
+    def decoder_input(self) -> Optional[tuple[mx.array, Union[list[int], TokenRef]]]:
+        """The next pass's ``(audio embeddings [n, dim], tokens)``, or None if not ready: the
+        prompt's ids first, then the token produced at the previous position."""
+        n = self.next_length()
+        if self.buffered < n:
             return None
         embeds = self._embeds[0] if len(self._embeds) == 1 else mx.concatenate(self._embeds)
         self._embeds = [embeds[n:]] if embeds.shape[0] > n else []
-        tokens = mx.array(self.prompt) if not self.prefilled else self.last_token
-        return embeds[:n], tokens
+        return embeds[:n], (self.prompt if not self.prefilled else self.last_token)
 
-    def advance(self, n: int, token: mx.array) -> None:
-        """Record that ``n`` positions were fed and ``token`` (lazy, shape [1]) came out."""
+    def advance(self, n: int, token: TokenRef) -> None:
+        """Record that ``n`` positions were dispatched and ``token`` will come out."""
         self.position += n
         self.last_token = token
