@@ -2,10 +2,6 @@
 
 import warnings
 
-from .native import use_system_blas
-
-use_system_blas()  # before mlx.core is imported anywhere in this package
-
 # `python -m mlx_voxtral.convert` runs a module that this package has already imported (for
 # the `convert` export, as mlx-lm does); runpy's warning about that is expected and harmless.
 warnings.filterwarnings(
@@ -21,17 +17,8 @@ from .exceptions import (  # noqa: E402
     UnsupportedAudioFormatError,
     VoxtralError,
 )
-from .generate import (  # noqa: E402
-    Done,
-    StreamReset,
-    TextDelta,
-    Timings,
-    Transcription,
-    async_stream_transcribe,
-    stream_transcribe,
-    transcribe,
-)
-from .timestamps import Segment, Word  # noqa: E402
+from .generate import Batch, async_stream_transcribe, stream_transcribe, transcribe  # noqa: E402
+from .results import Done, Segment, StreamReset, TextDelta, Timings, Transcription, Word  # noqa: E402
 from .loader import load  # noqa: E402
 from .chat import ChatCompletionRequest  # noqa: E402
 from .runner import MultimodalArchitecture, Runner, VisionArchitecture, Which  # noqa: E402
@@ -46,6 +33,7 @@ __all__ = [
     "MultimodalArchitecture",
     "load",
     "convert",
+    "Batch",
     "transcribe",
     "stream_transcribe",
     "async_stream_transcribe",

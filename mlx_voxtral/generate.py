@@ -1,167 +1,334 @@
-"""Decoding loops: offline ``transcribe`` and live ``stream_transcribe`` over one session.
+"""The decode driver (``Batch``) and the loops over it: ``transcribe``, ``stream_transcribe``.
 
-Both run the same incremental machinery (``Session`` -> ``Stream``), so a file of hours
-is transcribed with bounded memory and streamed audio gives exactly the offline tokens.
+One driver runs every transcription, whatever its shape: a file (``transcribe``), live audio
+(``stream_transcribe``) and every request and live session of the server (its engine) are
+sessions in a ``Batch``; one stream is a batch of one. A step of the batch
+
+1. encodes, in one pass over the batch's rows, the audio that arrived for every session whose
+   decoder is about to run out of audio embeddings (at most ``encode_tokens`` tokens per row,
+   so that a long upload never holds up the live streams beside it);
+2. runs the prompt of every stream that has the audio for it;
+3. runs one decoder position for every stream whose input is ready, all rows in one pass, and
+   samples their tokens in one call;
+4. dispatches all of it (``mx.async_eval``) and only then reads the previous step's tokens
+   back: the one host read of a step. The next step's inputs are this step's tokens, still
+   lazy, so the host never waits for the accelerator between steps.
+
+A token read back can end a session or restart its decoder (see ``session.py``); the work
+already dispatched for it is then dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Optional, Union
+from typing import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioSource, iter_audio
+from .audio import AudioSource, iter_audio
 from .exceptions import AudioError
-from .session import Session, StreamReset, TextDelta, check_temperature
-from .timestamps import Segment, Word
+from .results import Done, Event, StreamReset, TextDelta, Timings, Transcription, Word
+from .sample import Sampler, sample
+from .session import Session
+from .validate import check_samples
 
 # Offline audio is fed in blocks of this many seconds (bounds memory for long files).
 BLOCK_SECONDS = 30.0
+# mx.clear_cache() every this many steps, as mlx-lm's generation loops do
+CLEAR_CACHE_STEPS = 256
 
 __all__ = [
-    "Timings", "Transcription", "TextDelta", "Word", "StreamReset", "Done",
-    "transcribe", "stream_transcribe", "async_stream_transcribe", "sample", "batch_step", "result",
+    "Batch", "Timings", "Transcription", "TextDelta", "Word", "StreamReset", "Done",
+    "transcribe", "stream_transcribe", "async_stream_transcribe", "result",
 ]
 
 
-@dataclass
-class Timings:
-    """Wall-clock seconds spent in each stage."""
-
-    load: float = 0.0
-    encode: float = 0.0
-    prefill: float = 0.0
-    decode: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.encode + self.prefill + self.decode
+# mlx-lm's generate.generation_stream and wired_limit, written here: importing mlx_lm.generate
+# imports transformers, 3.4 s on a 2-core x86 machine, paid by every `mlx-voxtral transcribe`.
+@functools.lru_cache(maxsize=None)
+def generation_stream() -> mx.ThreadLocalStream:
+    """A stream of the default device for the decode work (one per thread)."""
+    return mx.new_thread_local_stream(mx.default_device())
 
 
-@dataclass
-class Transcription:
-    """Result of ``transcribe`` (and the final event of ``stream_transcribe``).
+@contextlib.contextmanager
+def wired_limit():
+    """Keep the model's memory wired while decoding, where the device reports a recommended
+    working set (Metal); elsewhere nothing."""
+    limit = mx.device_info().get("max_recommended_working_set_size")
+    if not limit:
+        yield
+        return
+    old = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(old)
 
-    ``token_ids`` are the raw generated ids, special tokens included (``[STREAMING_PAD]``,
-    ``[STREAMING_WORD]``, EOS); ``text`` keeps only text tokens. ``words`` and
-    ``segments`` carry times in seconds (see ``mlx_voxtral.timestamps``).
+
+class _Flight:
+    """The work of one step: a token per (session, stream, position), read back together."""
+
+    def __init__(self):
+        self.records: list[tuple[Session, object, int, int]] = []
+        self._arrays: list[mx.array] = []
+        self._size = 0
+        self.tokens: Optional[mx.array] = None
+
+    def add(self, tokens: mx.array, records: list[tuple[Session, object, int, int]]) -> None:
+        """``tokens`` ``[n]``, and for each ``(session, stream, position, index)`` the token of
+        ``tokens[index]`` that ``session``'s ``stream`` makes at ``position``."""
+        self.records += [(s, st, p, self._size + i) for s, st, p, i in records]
+        self._arrays.append(tokens)
+        self._size += tokens.shape[0]
+
+    def dispatch(self) -> None:
+        self.tokens = self._arrays[0] if len(self._arrays) == 1 else mx.concatenate(self._arrays)
+        mx.async_eval(self.tokens)
+
+    def sessions(self) -> set:
+        return {r[0] for r in self.records}
+
+
+_GREEDY = Sampler()
+
+
+class Batch:
+    """Sessions decoded together (see the module docstring).
+
+    Args:
+        model: a model from ``mlx_voxtral.load``.
+        encode_tokens: most audio tokens (80 ms each) a row encodes in one step; default and
+            maximum ``model.encode_tokens``.
+        profile: evaluate each stage before timing it (exact per-stage timings, at the cost of
+            a host sync per stage; for benchmarks).
     """
 
-    text: str
-    token_ids: list[int]
-    audio_duration: float
-    delay_ms: int
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS), "end_of_audio" or "length" (max_tokens reached)
-    text_tokens: int = 0  # generated text tokens (what max_tokens counts)
-    words: list[Word] = field(default_factory=list)
-    segments: list[Segment] = field(default_factory=list)
-    resets: int = 0
-    timings: Timings = field(default_factory=Timings)
+    def __init__(self, model, encode_tokens: Optional[int] = None, profile: bool = False):
+        self.model = model
+        self.cache = model.make_cache(model.tokenizer.max_prompt_length)
+        self.encode_tokens = min(encode_tokens or model.encode_tokens, model.encode_tokens)
+        self.profile = profile
+        self.sessions: list[Session] = []
+        self._rows: list = []  # the stream each row's caches hold (a restart makes a new one)
+        self._inflight: Optional[_Flight] = None
+        self.steps = 0
+        self.host_reads = 0  # token reads (each waits for the accelerator)
+        self.max_rows = 0
+        # the last step's work: encoder rows, prompts, decoded rows, and the seconds spent
+        # building and dispatching its graphs (what the host costs a step, on any device)
+        self.last_step = {"encoded": 0, "prompts": 0, "decoded": 0, "build_s": 0.0}
+        self._zeros: dict = {}
 
-    @property
-    def real_time_factor(self) -> float:
-        """Audio seconds transcribed per wall-clock second."""
-        return self.audio_duration / self.timings.total if self.timings.total else float("inf")
+    def __len__(self) -> int:
+        return len(self.sessions)
 
-    @property
-    def decode_tokens_per_sec(self) -> float:
-        n = max(len(self.token_ids) - 1, 0)
-        return n / self.timings.decode if self.timings.decode else 0.0
+    def add(self, session: Session) -> None:
+        """Take ``session`` in (a new row)."""
+        if session in self.sessions:
+            raise ValueError("the session is in the batch already")
+        self.cache.add_row()
+        self.sessions.append(session)
+        self._rows.append(session.stream)
+        self.max_rows = max(self.max_rows, len(self.sessions))
 
+    def remove(self, session: Session) -> None:
+        """Drop ``session`` (finished or abandoned); its pending tokens are ignored."""
+        i = self.sessions.index(session)
+        self.cache.remove_row(i)
+        last = len(self.sessions) - 1
+        self.sessions[i], self._rows[i] = self.sessions[last], self._rows[last]
+        self.sessions.pop()
+        self._rows.pop()
 
-@dataclass
-class Done:
-    """The last event of a stream: the whole transcription."""
+    def in_flight(self, session: Session) -> bool:
+        return self._inflight is not None and session in self._inflight.sessions()
 
-    result: Transcription
+    # one step ---------------------------------------------------------------------------
+    def step(self) -> tuple[dict[Session, list], bool]:
+        """Dispatch the next work of every session, then read the previous step's tokens.
 
+        Returns each session's new events and whether anything happened (False: every session
+        waits for audio, or is done).
+        """
+        with mx.stream(generation_stream()):
+            for i, s in enumerate(self.sessions):
+                if s.stream is not self._rows[i]:  # the session restarted its decoder
+                    self.cache.reset_row(i)
+                    self._rows[i] = s.stream
+            flight = self._dispatch()
+            events = self._read()
+            self._inflight = flight
+            progressed = flight is not None or events is not None
+            events = events or {}
+            waiting = flight.sessions() if flight is not None else set()
+            for s in self.sessions:
+                if s not in waiting:
+                    idle = _idle_events(s)
+                    if idle is not None:
+                        progressed = True
+                        if idle:
+                            events.setdefault(s, []).extend(idle)
+        self.steps += 1
+        if self.steps % CLEAR_CACHE_STEPS == 0:
+            mx.clear_cache()
+        return events, progressed
 
-def sample(logits: mx.array, temperature: float, key: Optional[mx.array] = None) -> mx.array:
-    """Greedy argmax at temperature 0, otherwise a draw from ``softmax(logits / T)``."""
-    logits = logits.astype(mx.float32)
-    if temperature == 0:
-        return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(logits * (1.0 / temperature), key=key)
-
-
-def _encode(model, session: Session) -> bool:
-    stream = session.stream
-    encoded = False
-    while (mel := stream.take_mel()) is not None:
-        (embeds,) = model.embed_audio([mel], [stream.conv_caches], [stream.encoder_caches])
-        mx.eval(embeds)
-        stream.add_audio_embeddings(embeds)
-        encoded = True
-    return encoded
-
-
-def run_session(session: Session, timings: Timings) -> Iterator:
-    """Decode everything the session's audio allows so far, yielding its events.
-
-    The next decoder step is queued (``mx.async_eval``) before the previous token is read
-    back, so the host never waits idle between steps.
-    """
-    model = session.model
-    clock = time.perf_counter()
-
-    def lap() -> float:
-        nonlocal clock
+    def _lap(self, start: float, stage: str, sessions, arrays=None) -> float:
+        if self.profile and arrays is not None:
+            mx.eval(arrays)
         now = time.perf_counter()
-        dt, clock = now - clock, now
-        return dt
+        for s in sessions:
+            t = s.timings
+            setattr(t, stage, getattr(t, stage) + now - start)
+        return now
 
-    pending = None  # (stream, output position, lazy token) of the step in flight
-    while True:
-        if _encode(model, session):
-            timings.encode += lap()
-        queued = None
-        # never queue a step behind a stale one: a restart may be on its way
-        if not session.done and (pending is None or pending[0] is session.stream):
-            step = session.next_step()
+    def _zero(self, shape: tuple, dtype) -> mx.array:
+        key = (shape, dtype)
+        if key not in self._zeros:
+            self._zeros[key] = mx.zeros(shape, dtype)
+        return self._zeros[key]
+
+    def _dispatch(self) -> Optional[_Flight]:
+        model, sessions = self.model, self.sessions
+        clock = start = time.perf_counter()
+        last = self.last_step = {"encoded": 0, "prompts": 0, "decoded": 0, "build_s": 0.0}
+        # 1. the encoder, for rows about to run out of audio embeddings
+        encode = {}
+        for r, s in enumerate(sessions):
+            st = s.stream
+            if s.done or s.rollover_due or st.buffered >= st.next_length():
+                continue
+            n = min(st.pending_tokens(), self.encode_tokens)
+            if n:
+                encode[r] = n
+        if encode:
+            embeds = self._encode(encode)
+            last["encoded"] = len(encode)
+            clock = self._lap(clock, "encode", [sessions[r] for r in encode], embeds)
+        flight = _Flight()
+        # 2. prompts
+        prompted = set()
+        for r, s in enumerate(sessions):
+            if s.done or s.stream.prefilled:
+                continue
+            step = s.next_step()
+            if step is None:
+                continue
+            st, (embeds, prompt) = s.stream, step
+            logits = model(embeds[None], mx.array([prompt], dtype=mx.uint32), self.cache, slice(r, r + 1),
+                           [len(prompt)], [st.num_delay_tokens])
+            token = s.sampler(logits).astype(mx.uint32)
+            st.advance(len(prompt), (token, 0))
+            flight.add(token, [(s, st, st.position - 1, 0)])
+            prompted.add(r)
+            last["prompts"] += 1
+            clock = self._lap(clock, "prefill", [s], token)
+        # 3. one position for every stream whose input is ready
+        ready = {}
+        for r, s in enumerate(sessions):
+            if r in prompted or s.done or not s.stream.prefilled:
+                continue
+            step = s.next_step()
             if step is not None:
-                stream = session.stream
-                embeds, tokens = step
-                prefill = not stream.prefilled
-                logits = model([embeds], [tokens], [stream.decoder_caches], [stream.num_delay_tokens])
-                token = sample(logits, session.temperature, session.next_key())
-                stream.advance(embeds.shape[0], token)
-                queued = (stream, stream.position - 1, token)
-                if prefill:
-                    mx.eval(token)
-                    timings.prefill += lap()
-                else:
-                    mx.async_eval(token)
-        processed = pending is not None
-        if pending is not None:
-            stream, position, token = pending
-            token_id = token.item()
-            timings.decode += lap()
-            if stream is session.stream and not session.done:  # else stale after a restart
-                yield from session.on_token(token_id, position)
-        pending = queued
-        if pending is not None:
-            continue
-        idle = _idle_events(session)
-        if idle is None:
-            if not processed:
-                return  # waiting for more audio
-            continue
-        yield from idle
-        if session.done:
-            return
+                ready[r] = step
+        if ready:
+            r0, r1 = min(ready), max(ready) + 1
+            rows = range(r0, r1)
+            dim = next(iter(ready.values()))[0].shape[-1]
+            zero_embed = self._zero((1, dim), next(iter(ready.values()))[0].dtype)
+            embeds = mx.concatenate([ready[r][0] if r in ready else zero_embed for r in rows])[:, None]
+            tokens = self._feed([ready[r][1] if r in ready else None for r in rows])[:, None]
+            logits = model(embeds, tokens, self.cache, slice(r0, r1), [int(r in ready) for r in rows],
+                           [sessions[r].stream.num_delay_tokens for r in rows])
+            out = sample(logits, [sessions[r].sampler if r in ready else _GREEDY for r in rows]).astype(mx.uint32)
+            for r in ready:
+                st = sessions[r].stream
+                st.advance(1, (out, r - r0))
+            flight.add(out, [(sessions[r], sessions[r].stream, sessions[r].stream.position - 1, r - r0) for r in ready])
+            last["decoded"] = len(ready)
+            clock = self._lap(clock, "decode", [sessions[r] for r in ready], out)
+        if not flight.records:
+            return None
+        last["build_s"] = time.perf_counter() - start
+        flight.dispatch()
+        self._lap(clock, "decode", flight.sessions())
+        return flight
+
+    def _encode(self, encode: dict[int, int]) -> list[mx.array]:
+        """One encoder pass over rows min(encode)..max(encode) (``encode[r]`` tokens for row r;
+        rows between sit it out)."""
+        sessions = self.sessions
+        r0, r1 = min(encode), max(encode) + 1
+        fpt = sessions[r0].stream.mel_frames_per_token
+        n_mels = self.model.args.encoder.audio_encoding_args.num_mel_bins
+        mel = np.zeros((r1 - r0, max(encode.values()) * fpt, n_mels), np.float32)
+        lengths = [0] * (r1 - r0)
+        for r, n in encode.items():
+            frames = sessions[r].stream.take_mel(n)
+            mel[r - r0, : frames.shape[0]] = frames
+            lengths[r - r0] = frames.shape[0]
+        embeds = self.model.encode(mx.array(mel), self.cache, slice(r0, r1), lengths)
+        out = []
+        for r in encode:
+            e = embeds[r - r0, : lengths[r - r0] // fpt]
+            sessions[r].stream.add_audio_embeddings(e)
+            out.append(e)
+        return out
+
+    def _feed(self, refs: list) -> mx.array:
+        """The tokens to feed ``[n]``: row i's ``(array, index)`` reference, or 0 (sits out).
+        When every row continues from the previous step's one array, that array is the input."""
+        arrays = {id(ref[0]) for ref in refs if ref is not None}
+        if len(arrays) == 1 and all(ref is not None for ref in refs):
+            array = refs[0][0]
+            indices = [ref[1] for ref in refs]
+            if indices == list(range(array.shape[0])):
+                return array
+            return array[mx.array(indices)]
+        zero = self._zero((1,), mx.uint32)
+        return mx.concatenate([ref[0][ref[1] : ref[1] + 1] if ref is not None else zero for ref in refs])
+
+    def _read(self) -> Optional[dict[Session, list]]:
+        """The previous step's tokens, handed to their sessions (the step's one host read)."""
+        flight = self._inflight
+        if flight is None:
+            return None
+        start = time.perf_counter()
+        values = flight.tokens.tolist()
+        self.host_reads += 1
+        self._lap(start, "decode", flight.sessions())
+        events: dict[Session, list] = {}
+        for session, stream, position, index in flight.records:
+            if session.done or session.stream is not stream or session not in self.sessions:
+                continue  # ended, restarted or dropped since: the token is stale
+            new = session.on_token(values[index], position)
+            if new:
+                events.setdefault(session, []).extend(new)
+        return events
+
+    def drain(self) -> dict[Session, list]:
+        """Step until no session can advance (all wait for audio, or are done)."""
+        events: dict[Session, list] = {}
+        while True:
+            new, progressed = self.step()
+            for s, evs in new.items():
+                events.setdefault(s, []).extend(evs)
+            if not progressed:
+                return events
 
 
 def _idle_events(session: Session) -> Optional[list]:
-    """What to do when no decoder step can be queued: restart at the position limit, or
-    end once all audio was decoded. None: nothing to do (more audio is needed)."""
+    """What a session with nothing in flight does: restart at the position limit, or end
+    once all audio was decoded. None: nothing to do (more audio is needed)."""
     if session.done:
-        return []
+        return None
     if session.rollover_due:
         return session.rollover()
     if session.stream.audio_done:
@@ -169,58 +336,7 @@ def _idle_events(session: Session) -> Optional[list]:
     return None
 
 
-def batch_step(model, sessions: list[Session], timings: Optional[Timings] = None) -> list[list]:
-    """One step for many sessions at once; returns each session's events.
-
-    Pending audio of every session is encoded in one pass; then one decoder pass runs the
-    next position of every session that has its input ready (a new session's prompt
-    included). Sessions waiting for audio are left as they are. This is how the server
-    decodes concurrent requests together.
-    """
-    timings = timings if timings is not None else Timings()
-    events: list[list] = [[] for _ in sessions]
-    t0 = time.perf_counter()
-    encoding = [(s, m) for s in sessions if not s.done and (m := s.stream.take_mel()) is not None]
-    if encoding:
-        embeds = model.embed_audio(
-            [m for _, m in encoding],
-            [s.stream.conv_caches for s, _ in encoding],
-            [s.stream.encoder_caches for s, _ in encoding],
-        )
-        mx.eval(embeds)
-        for (s, _), e in zip(encoding, embeds):
-            s.stream.add_audio_embeddings(e)
-        t1 = time.perf_counter()
-        timings.encode += t1 - t0
-        t0 = t1
-    ready, steps = [], []
-    for i, s in enumerate(sessions):
-        step = s.next_step() if not s.done else None
-        if step is not None:
-            ready.append(i)
-            steps.append(step)
-    if ready:
-        streams = [sessions[i].stream for i in ready]
-        logits = model(
-            [e for e, _ in steps], [t for _, t in steps],
-            [st.decoder_caches for st in streams], [st.num_delay_tokens for st in streams],
-        )
-        tokens = [
-            sample(logits[j : j + 1], sessions[i].temperature, sessions[i].next_key())
-            for j, i in enumerate(ready)
-        ]
-        mx.eval(tokens)
-        for j, i in enumerate(ready):
-            streams[j].advance(steps[j][0].shape[0], tokens[j])
-            events[i] += sessions[i].on_token(tokens[j].item(), streams[j].position - 1)
-        timings.decode += time.perf_counter() - t0
-    for i, s in enumerate(sessions):
-        if i not in ready and not s.stream.pending_tokens():
-            events[i] += _idle_events(s) or []
-    return events
-
-
-def result(session: Session, timings: Timings) -> Transcription:
+def result(session: Session) -> Transcription:
     """The ``Transcription`` of a session so far (complete once ``session.done``)."""
     return Transcription(
         text=session.text,
@@ -233,8 +349,15 @@ def result(session: Session, timings: Timings) -> Transcription:
         words=list(session.words),
         segments=session.segments,
         resets=session.resets,
-        timings=timings,
+        timings=session.timings,
     )
+
+
+def _session(model, delay_ms, temperature, seed, max_tokens, top_p=None, min_p=None, top_k=None) -> Session:
+    session = Session(model, delay_ms, max_tokens=max_tokens,
+                      sampler=Sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed))
+    session.timings.load = getattr(model, "load_time", 0.0)
+    return session
 
 
 def transcribe(
@@ -245,7 +368,11 @@ def transcribe(
     temperature: float = 0.0,
     max_tokens: Optional[int] = None,
     seed: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k: Optional[int] = None,
     progress: Optional[Callable[[float, Optional[float]], None]] = None,
+    profile: bool = False,
 ) -> Transcription:
     """Transcribe a whole recording.
 
@@ -255,47 +382,39 @@ def transcribe(
             float32 16 kHz samples.
         delay_ms: transcription delay (multiple of 80 ms, 80 to 2400); default from
             ``tekken.json`` (480 ms).
-        temperature: 0 for greedy decoding (recommended), otherwise sampling.
+        temperature: 0 for greedy decoding (recommended), otherwise sampling (with
+            ``top_p``, ``min_p``, ``top_k`` as mlx-lm applies them).
         max_tokens: stop after this many text tokens (``finish_reason="length"``);
             ``None`` transcribes until the end of the audio (or EOS after it).
-        seed: random seed for sampling.
+        seed: random seed for sampling (a 64-bit integer).
         progress: called as ``progress(seconds_done, seconds_total or None)``.
+        profile: exact per-stage timings (a host sync after each stage; for benchmarks).
 
     The file is decoded, resampled and transcribed block by block, so memory does not
     grow with its length.
 
     Raises:
         AudioError, UnsupportedAudioFormatError: unreadable, empty or non-finite audio.
-        InvalidRequestError: bad delay, temperature or max_tokens.
+        InvalidRequestError: bad delay, temperature, sampling option, seed or max_tokens.
     """
-    session = Session(model, delay_ms, temperature, seed, max_tokens)
-    timings = Timings(load=getattr(model, "load_time", 0.0))
+    session = _session(model, delay_ms, temperature, seed, max_tokens, top_p, min_p, top_k)
+    batch = Batch(model, profile=profile)
+    batch.add(session)
     blocks = iter_audio(audio, block_seconds=BLOCK_SECONDS)
-    for block in blocks:
-        session.push(block)
-        for _ in run_session(session, timings):
-            pass
-        if progress is not None:
-            progress(session.duration, blocks.duration)
-        if session.done:
-            break
-    if not session.done:
-        session.finish()
-        for _ in run_session(session, timings):
-            pass
-        if progress is not None:
-            progress(session.duration, blocks.duration)
-    return result(session, timings)
-
-
-Event = Union[TextDelta, Word, StreamReset, Done]
-
-
-def _chunk(samples) -> np.ndarray:
-    chunk = np.asarray(samples, dtype=np.float32).reshape(-1)
-    if not np.isfinite(chunk).all():
-        raise AudioError(f"the audio chunk contains {int((~np.isfinite(chunk)).sum())} NaN or infinite samples")
-    return chunk
+    with wired_limit():
+        for block in blocks:
+            session.push(block)
+            batch.drain()
+            if progress is not None:
+                progress(session.duration, blocks.duration)
+            if session.done:
+                break
+        if not session.done:
+            session.finish()
+            batch.drain()
+            if progress is not None:
+                progress(session.duration, blocks.duration)
+    return result(session)
 
 
 def stream_transcribe(
@@ -306,27 +425,33 @@ def stream_transcribe(
     temperature: float = 0.0,
     max_tokens: Optional[int] = None,
     seed: Optional[int] = None,
+    top_p: Optional[float] = None,
+    min_p: Optional[float] = None,
+    top_k: Optional[int] = None,
 ) -> Iterator[Event]:
     """Transcribe live audio: float32 16 kHz mono chunks of any size in, events out.
 
     Yields ``TextDelta`` (new text, as soon as decided), ``Word`` (a finished word with
     start/end seconds), ``StreamReset`` (the decoder restarted after EOS or at the
     position limit; the session goes on) and finally ``Done`` with the whole
-    ``Transcription``. For the same audio the token ids equal offline ``transcribe``'s.
+    ``Transcription``. For the same audio the token ids equal offline ``transcribe``'s
+    wherever README's table of guarantees says so.
     """
-    session = Session(model, delay_ms, temperature, seed, max_tokens)
-    timings = Timings(load=getattr(model, "load_time", 0.0))
-    for chunk in chunks:
-        session.push(_chunk(chunk))
-        yield from run_session(session, timings)
-        if session.done:
-            break
-    if not session.done:
-        if session.samples == 0:
-            raise AudioError("the audio stream is empty (0 samples)")
-        session.finish()
-        yield from run_session(session, timings)
-    yield Done(result(session, timings))
+    session = _session(model, delay_ms, temperature, seed, max_tokens, top_p, min_p, top_k)
+    batch = Batch(model)
+    batch.add(session)
+    with wired_limit():
+        for chunk in chunks:
+            session.push(check_samples(chunk))
+            yield from batch.drain().get(session, [])
+            if session.done:
+                break
+        if not session.done:
+            if session.samples == 0:
+                raise AudioError("the audio stream is empty (0 samples)")
+            session.finish()
+            yield from batch.drain().get(session, [])
+    yield Done(result(session))
 
 
 async def async_stream_transcribe(
@@ -344,20 +469,23 @@ async def async_stream_transcribe(
     """
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-voxtral") as worker:
-        session: Session = await loop.run_in_executor(
-            worker, lambda: Session(model, delay_ms, temperature, seed, max_tokens)
-        )
-        timings = Timings(load=getattr(model, "load_time", 0.0))
+        def start():
+            session = _session(model, delay_ms, temperature, seed, max_tokens)
+            batch = Batch(model)
+            batch.add(session)
+            return session, batch
+
+        session, batch = await loop.run_in_executor(worker, start)
 
         def work(chunk: Optional[np.ndarray]) -> list:
             if chunk is None:
                 session.finish()
             else:
                 session.push(chunk)
-            return list(run_session(session, timings))
+            return batch.drain().get(session, [])
 
         async for chunk in chunks:
-            for event in await loop.run_in_executor(worker, work, _chunk(chunk)):
+            for event in await loop.run_in_executor(worker, work, check_samples(chunk)):
                 yield event
             if session.done:
                 break
@@ -366,4 +494,4 @@ async def async_stream_transcribe(
                 raise AudioError("the audio stream is empty (0 samples)")
             for event in await loop.run_in_executor(worker, work, None):
                 yield event
-        yield Done(result(session, timings))
+        yield Done(result(session))

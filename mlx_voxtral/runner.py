@@ -38,7 +38,6 @@ from .chat import (
     ChatCompletionChunkResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    DeltaText,
     Usage,
     audio_inputs,
     check_options,
@@ -48,7 +47,8 @@ from .chat import (
     finish_reason,
 )
 from .exceptions import InvalidRequestError
-from .generate import Done, TextDelta, stream_transcribe, transcribe
+from .generate import stream_transcribe, transcribe
+from .results import DeltaText, Done
 from .loader import load
 
 # Live streaming granularity for ``stream=True`` (the tokens do not depend on it).
@@ -112,6 +112,7 @@ class Runner:
         seed: random seed for requests with ``temperature > 0``.
         allow_local_files / allow_remote_urls: what ``audio_url`` may point to (the
             Python API allows both by default).
+        backend / dtype: as for ``mlx_voxtral.load``.
         Other mistral.rs options (``max_seqs``, ``token_source``, ...) are accepted and
         have no effect here.
     """
@@ -126,6 +127,8 @@ class Runner:
         delay_ms: Optional[int] = None,
         allow_local_files: bool = True,
         allow_remote_urls: bool = True,
+        backend: Optional[str] = None,
+        dtype: Optional[str] = None,
         **_ignored,
     ):
         if not isinstance(which, _ModelSpec):
@@ -133,7 +136,8 @@ class Runner:
         if which.arch not in (None, VisionArchitecture.Voxtral):
             raise InvalidRequestError(f"mlx_voxtral runs the Voxtral architecture only, got {which.arch!r}")
         self.model_id = which.model_id
-        self.model = load(which.model_id, quantize=isq_bits(in_situ_quant), group_size=group_size)
+        self.model = load(which.model_id, dtype=dtype, quantize=isq_bits(in_situ_quant), group_size=group_size,
+                          backend=backend)
         self.seed = seed
         self.delay_ms = delay_ms
         self.policy = SourcePolicy(local_root="*" if allow_local_files else None, allow_remote=allow_remote_urls)
@@ -172,10 +176,9 @@ class Runner:
             blocks = iter_audio(audio, block_seconds=STREAM_BLOCK_SECONDS)
             text = DeltaText()  # deltas that join to the part's stripped text
             for event in stream_transcribe(self.model, blocks, max_tokens=remaining, **options):
-                if isinstance(event, TextDelta):
-                    piece = text.add(event.text)
-                    if piece:
-                        yield chunk(request_id, model_name, created, content=piece)
+                piece = text.add(event)
+                if piece:
+                    yield chunk(request_id, model_name, created, content=piece)
                 elif isinstance(event, Done):
                     results.append(event.result)
             if results[-1].finish_reason == "length":

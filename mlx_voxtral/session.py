@@ -1,6 +1,6 @@
 """A transcription session: one stream of audio in, text, words and events out.
 
-A ``Session`` wraps the model-level ``Stream`` with everything that spans the whole
+A ``Session`` wraps a ``StreamState`` with everything that spans the whole
 recording: token history, incremental detokenisation, word timing, ``max_tokens``, and
 the two restart rules that let a session run for hours:
 
@@ -19,51 +19,16 @@ session holds no loop; ``generate.py`` drives one session, the server's engine m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-import mlx.core as mx
 import numpy as np
 
-from .exceptions import InvalidRequestError
-from .stream import Stream
-from .timestamps import Word, WordTracker, segments_from_words, token_start
+from .results import StreamReset, TextDelta, Timings, Word
+from .sample import Sampler
+from .stream import StreamState
+from .timestamps import WordTracker, segments_from_words, token_start
 from .tokenizer import StreamingDetokenizer
-
-
-@dataclass
-class TextDelta:
-    """New text, as soon as the decoder decided it. ``start``: seconds into the audio."""
-
-    text: str
-    start: float
-
-
-@dataclass
-class StreamReset:
-    """The decoder restarted (``reason``: "eos" or "position_limit") at ``time`` seconds."""
-
-    reason: str
-    time: float
-
-
-def check_temperature(temperature: float) -> float:
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not np.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise InvalidRequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    return float(temperature)
-
-
-def check_max_tokens(max_tokens: Optional[int]) -> Optional[int]:
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1
-    ):
-        raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    return None if max_tokens is None else int(max_tokens)
+from .validate import check_max_tokens, check_samples
 
 
 class Session:
@@ -77,17 +42,18 @@ class Session:
         seed: Optional[int] = None,
         max_tokens: Optional[int] = None,
         max_positions: Optional[int] = None,
+        sampler: Optional[Sampler] = None,
     ):
         self.model = model
         self.tokenizer = tok = model.tokenizer
-        self.temperature = check_temperature(temperature)
+        self.sampler = sampler if sampler is not None else Sampler(temperature, seed=seed)
+        self.temperature = self.sampler.temperature
         self.max_tokens = check_max_tokens(max_tokens)
-        self.stream = Stream(model, delay_ms)
+        self.stream = StreamState(model, delay_ms)
         self.delay_ms = self.stream.delay_ms
         self.max_positions = max_positions or model.args.model_max_length
         if self.max_positions <= len(self.stream.prompt) + 1:
             raise InvalidRequestError(f"max_positions must exceed the prompt length, got {self.max_positions}")
-        self.key = mx.random.key(seed) if (self.temperature > 0 and seed is not None) else None
         self.left_pad_tokens = self.stream.left_pad // tok.samples_per_token
         self.token_seconds = tok.samples_per_token / tok.sample_rate
         self.samples = 0  # real samples pushed, over all streams
@@ -105,10 +71,12 @@ class Session:
         self._tracker = WordTracker(self.token_seconds)
         self._pad_run = 0
         self._rollover_due = False
+        self.timings = Timings()  # wall-clock seconds of the steps this session took part in
 
     # audio in ---------------------------------------------------------------------------
     def push(self, samples: np.ndarray) -> None:
-        samples = np.asarray(samples, np.float32).reshape(-1)
+        """Append audio (float32 mono 16 kHz); NaN or infinite samples are an ``AudioError``."""
+        samples = check_samples(samples)
         self.samples += samples.shape[0]
         self.stream.push(samples)
         self._history = np.concatenate([self._history, samples])
@@ -126,12 +94,6 @@ class Session:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def next_key(self) -> Optional[mx.array]:
-        if self.key is None:
-            return None
-        self.key, sub = mx.random.split(self.key)
-        return sub
-
     def next_step(self):
         """The next decoder input ``(embeds, tokens)`` of the current stream, or None.
 
@@ -140,8 +102,7 @@ class Session:
         """
         if self._rollover_due:
             return None
-        n = 1 if self.stream.prefilled else len(self.stream.prompt)
-        if self.stream.position + n > self.max_positions:
+        if self.stream.position + self.stream.next_length() > self.max_positions:
             self._rollover_due = not self.stream.audio_done
             return None
         return self.stream.decoder_input()
@@ -188,7 +149,7 @@ class Session:
         events = self._close_text()
         replay = self._history[covered - self._history_start :]
         self.origin += covered
-        self.stream = Stream(self.model, self.delay_ms)
+        self.stream = StreamState(self.model, self.delay_ms)
         self._history = np.zeros(0, np.float32)
         self._history_start = 0
         self.samples -= replay.shape[0]

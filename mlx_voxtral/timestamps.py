@@ -17,29 +17,15 @@ word a few tokens late when it needs more context, so expect errors of about +-0
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
+
+from .results import Segment, Word
 
 # A pause longer than this, or sentence-ending punctuation, starts a new segment; so does
 # a segment reaching the length limits.
 SEGMENT_PAUSE = 1.0
 SEGMENT_MAX_SECONDS = 12.0
 SEGMENT_MAX_WORDS = 40
-
-
-@dataclass
-class Word:
-    text: str
-    start: float
-    end: float
-
-
-@dataclass
-class Segment:
-    text: str
-    start: float
-    end: float
-    words: list[Word] = field(default_factory=list)
 
 
 def token_start(position: int, num_delay_tokens: int, left_pad_tokens: int = 32, token_seconds: float = 0.08) -> float:

@@ -10,9 +10,8 @@ import numpy as np
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, SpecialTokens
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from .exceptions import CheckpointError, InvalidRequestError
-
-MAX_DELAY_MS = 2400
+from .exceptions import CheckpointError
+from .validate import MAX_DELAY_MS, check_delay
 
 
 class Tokenizer:
@@ -64,22 +63,12 @@ class Tokenizer:
 
     def check_delay(self, delay_ms: Optional[float]) -> int:
         """Validate a delay (a multiple of 80 ms in [80, 2400]); ``None`` means the default."""
-        if delay_ms is None:
-            return self.default_delay_ms
-        step = self.token_ms
-        if (
-            isinstance(delay_ms, bool)
-            or not isinstance(delay_ms, (int, float, np.integer, np.floating))
-            or not np.isfinite(delay_ms)
-            or delay_ms < step
-            or delay_ms > MAX_DELAY_MS
-            or float(delay_ms) % step != 0
-        ):
-            raise InvalidRequestError(
-                f"delay_ms must be a multiple of {step:g} ms between {step:g} and "
-                f"{MAX_DELAY_MS} ms, got {delay_ms!r}"
-            )
-        return int(delay_ms)
+        return check_delay(delay_ms, self.token_ms, self.default_delay_ms)
+
+    @property
+    def max_prompt_length(self) -> int:
+        """The longest decoder prompt: BOS, the left pad and the longest delay, in tokens."""
+        return len(self.prompt(MAX_DELAY_MS))
 
     def num_delay_tokens(self, delay_ms: Optional[float] = None) -> int:
         return self.audio_config.get_num_delay_tokens(self.check_delay(delay_ms))
