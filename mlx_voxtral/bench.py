@@ -1,16 +1,29 @@
-"""Benchmark mlx_voxtral: speed and memory, the machine's limits, and peer implementations.
+"""Benchmark mlx_voxtral: speed and memory per backend, the host's cost per step, the machine's
+limits, and peer implementations.
 
-    python benchmarks/bench.py --random full --lengths 10,60 --precisions fp32,bf16,8,4
+    python benchmarks/bench.py --random full --lengths 10,60 --precisions bf16,4 --backends cpu
+    python benchmarks/bench.py --random deep --backends mlx --modes graph,syncs,fairness
     mlx-voxtral bench --model mistralai/Voxtral-Mini-4B-Realtime-2602 --peers all
 
-For every precision (a fresh subprocess each, so memory figures are clean) it measures
-load time and resident memory, then offline transcription (encoder seconds per audio
-second, prefill tokens/s, decode ms/token, real-time factor), live streaming (80 ms
-chunks: per-chunk latency from a chunk's arrival to its token) and N concurrent streams
-decoded together (tokens/s against one stream). It also measures the machine: sustained
-memory read bandwidth and matmul throughput per dtype, and prints each figure next to its
-bound: a decode step cannot beat (weight bytes read per step) / bandwidth, the encoder
-cannot beat (FLOPs per audio second) / matmul throughput.
+For every backend and precision (a fresh subprocess each, so memory figures are clean) it
+measures, as the modes ask:
+
+* ``load``: load time and resident memory;
+* ``offline``: encoder seconds per audio second, prefill tokens/s, decode ms/token, RTFx
+  (audio seconds per wall second);
+* ``streaming``: 80 ms chunks fed as fast as they are consumed: RTFx, latency from a chunk's
+  arrival to its token, first text, and the host syncs per chunk (token reads and
+  ``mx.eval`` calls, counted by instrumentation);
+* ``concurrent``: N streams decoded together (tokens/s against one stream);
+* ``graph``: milliseconds of graph building per decode step for 1, 8 and 32 streams (the
+  host's cost of a step, which bounds a Metal GPU's throughput);
+* ``fairness``: a live stream's per-chunk latency alone and while a long upload is
+  transcribed beside it, scheduled as the server's engine does;
+* ``imports``: offline RTFx with ``import mlx.core`` before and after ``import mlx_voxtral``.
+
+It also measures the machine (memory read bandwidth, matmul throughput per backend and
+dtype) and prints each figure next to its bound: a decode step cannot beat (weight bytes read
+per step) / bandwidth, the encoder cannot beat (FLOPs per audio second) / matmul throughput.
 
 Peers (voxmlx, mlx-audio, mistral.rs's ``mistralrs`` wheel, transformers on CPU) run on
 the same checkpoint and audio, each in its own subprocess (optionally another Python with
@@ -36,6 +49,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from .exceptions import VoxtralError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 16000
@@ -65,7 +80,7 @@ def cache_dir() -> Path:
     return Path(base) / "mlx_voxtral"
 
 
-def random_checkpoint(preset: str) -> Path:
+def random_checkpoint(preset: str) -> Path:  # tiny, deep (tiny widths, real depth) or full
     """A cached random-weight checkpoint in the native layout (generated once)."""
     out = cache_dir() / f"random-{preset}"
     if not (out / "consolidated.safetensors").exists():
@@ -101,10 +116,11 @@ def speech(seconds: float, path: Optional[str]) -> np.ndarray:
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Sustained read bandwidth (GB/s): every core sums its share of a large array (the
     native kernels' vector loop where they are built, the best of ``repeats`` reads)."""
-    from . import native
+    from . import cpu
+    from .cpu import native
 
     data = np.ones(int(gib * 2**30) // 4, np.float32)
-    if native.kernels_available():
+    if cpu.available():
         best = 0.0
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -125,44 +141,52 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return best
 
 
-def matmul_throughput(precision: str, m: int = 1024, k: int = 3072, n: int = 3072) -> float:
-    """GFLOP/s of ``x @ W.T`` with float32 ``x`` and the precision's weights, through the
-    same layers the model uses (on Linux CPU: mlx_voxtral's kernels over the BLAS)."""
+def matmul_throughput(precision: str, backend: str, m: int = 1024, k: int = 3072, n: int = 3072) -> float:
+    """GFLOP/s of ``x @ W.T`` with float32 ``x`` and the precision's weights, through what
+    the backend multiplies with (the CPU backend's kernels over its BLAS, or MLX)."""
     import mlx.core as mx
     import mlx.nn as nn
-
-    from .cpu import cpu_kernels_wanted, use_cpu_kernels
 
     layer = nn.Linear(k, n, bias=False)
     if precision in ("8", "4"):
         nn.quantize(layer, group_size=64, bits=int(precision))
     elif precision in ("bf16", "stored"):
         layer.weight = layer.weight.astype(mx.bfloat16)
-    if cpu_kernels_wanted():
-        holder = nn.Sequential(layer)
-        use_cpu_kernels(holder)
-        layer = holder.layers[0]
-    x = mx.random.normal((m, k))
-    mx.eval(layer(x))
+    mx.eval(layer.parameters())
+    if backend == "cpu":
+        from .cpu.layers import linear_rows
+
+        x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
+        run = lambda: linear_rows(layer, x)  # noqa: E731
+    else:
+        x = mx.random.normal((m, k))
+        run = lambda: mx.eval(layer(x))  # noqa: E731
+    run()
     t0 = time.perf_counter()
     reps = 0
     while time.perf_counter() - t0 < 1.0:
-        mx.eval(layer(x))
+        run()
         reps += 1
     return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
-def measure_machine(precisions: list[str]) -> dict:
-    from . import native
+def measure_machine(precisions: list[str], backends: list[str]) -> dict:
+    from . import cpu
+    from .cpu import native
 
+    has_cpu = cpu.available()
     return {
         "platform": f"{platform.system()} {platform.machine()}",
         "cpus": os.cpu_count(),
-        "blas": native.loaded,
-        "native_kernels": native.kernels_available(),
+        "device": str(__import__("mlx.core").core.default_device()),
+        "blas": native.blas,
+        "native_kernels": has_cpu,
         "memory_bandwidth_gbs": round(memory_bandwidth(), 2),
-        # fp32 (the BLAS) is the bound: every precision computes in float32 on CPU
-        "matmul_gflops": {p: round(matmul_throughput(p), 1) for p in dict.fromkeys(["fp32", *precisions])},
+        # fp32 (the BLAS) is the CPU backend's bound: every precision computes in float32 there
+        "matmul_gflops": {
+            b: {p: round(matmul_throughput(p, b), 1) for p in dict.fromkeys(["fp32", *precisions])}
+            for b in backends
+        },
     }
 
 
@@ -221,6 +245,7 @@ def _peak_rss() -> int:
 @dataclass
 class Result:
     precision: str
+    backend: str = ""
     load_s: float = 0.0
     rss_before_load_gb: float = 0.0  # interpreter, MLX and the tokenizer library
     rss_after_load_gb: float = 0.0
@@ -230,6 +255,9 @@ class Result:
     offline: dict = field(default_factory=dict)
     streaming: dict = field(default_factory=dict)
     concurrent: dict = field(default_factory=dict)
+    graph: dict = field(default_factory=dict)
+    fairness: dict = field(default_factory=dict)
+    import_first: str = "mlx_voxtral"
     error: Optional[str] = None
 
 
@@ -248,59 +276,94 @@ def _offline(model, audio: np.ndarray) -> dict:
         "encoder_s_per_audio_s": round(t.encode / r.audio_duration, 4),
         "prefill_tok_s": round(r.prompt_tokens / t.prefill, 1) if t.prefill else None,
         "decode_ms_per_token": round(1000 * t.decode / n_decode, 2),
-        "rtf": round(r.real_time_factor, 3),
+        "rtfx": round(r.rtfx, 3),
         "peak_rss_gb": round(_peak_rss() / 1e9, 3),
     }
 
 
+def _caught_up(batch, session) -> bool:
+    """The session has decoded everything its audio allows so far."""
+    st = session.stream
+    return session.done or (not batch.in_flight(session) and st.pending_tokens() == 0
+                            and st.buffered < st.next_length())
+
+
 def _streaming(model, audio: np.ndarray, chunk_ms: int = 80) -> dict:
-    """Feed chunks as fast as they are consumed; latency = chunk arrival -> its token out."""
-    from .generate import TextDelta, stream_transcribe
+    """80 ms chunks, each fed once the previous one is decoded; latency = a chunk's arrival
+    to its token; host syncs = token reads and ``mx.eval`` calls per chunk once decoding."""
+    import mlx.core as mx
+
+    from .generate import Batch
+    from .session import Session
 
     chunk = int(SAMPLE_RATE * chunk_ms / 1000)
-    arrivals: list[float] = []
-    latencies: list[float] = []
+    session, batch = Session(model), Batch(model)
+    batch.add(session)
+    evals = [0]
+    real_eval = mx.eval
+
+    def counted(*args):
+        evals[0] += 1
+        return real_eval(*args)
+
+    latencies, syncs = [], []
     first_text: Optional[float] = None
-
-    def chunks():
+    mx.eval = counted
+    try:
+        t0 = time.perf_counter()
         for i in range(0, len(audio), chunk):
-            arrivals.append(time.perf_counter())
-            yield audio[i : i + chunk]
-
-    t0 = time.perf_counter()
-    done_tokens = 0
-    for event in stream_transcribe(model, chunks()):
-        now = time.perf_counter()
-        if isinstance(event, TextDelta) and first_text is None:
-            first_text = now - t0
-        latencies.append(now - arrivals[-1])
-        done_tokens += 1
-    wall = time.perf_counter() - t0
+            arrival = time.perf_counter()
+            reads, before = batch.host_reads, evals[0]
+            session.push(audio[i : i + chunk])
+            decoded = len(session.token_ids)
+            events = batch.drain().get(session, [])
+            if first_text is None and any(type(e).__name__ == "TextDelta" for e in events):
+                first_text = time.perf_counter() - t0
+            if len(session.token_ids) > decoded:
+                latencies.append(time.perf_counter() - arrival)
+                syncs.append(batch.host_reads - reads + evals[0] - before)
+        session.finish()
+        batch.drain()
+        wall = time.perf_counter() - t0
+    finally:
+        mx.eval = real_eval
     lat = np.array(latencies) if latencies else np.zeros(1)
     return {
         "chunk_ms": chunk_ms,
-        "rtf": round(len(audio) / SAMPLE_RATE / wall, 3),
+        "rtfx": round(len(audio) / SAMPLE_RATE / wall, 3),
         "first_text_s_from_start": round(first_text, 3) if first_text is not None else None,
         "event_latency_p50_s": round(float(np.percentile(lat, 50)), 3),
         "event_latency_p95_s": round(float(np.percentile(lat, 95)), 3),
         "model_delay_s": round(model.tokenizer.default_delay_ms / 1000, 3),
+        "host_syncs_per_chunk_mean": round(float(np.mean(syncs)), 2) if syncs else None,
+        "host_syncs_per_chunk_max": int(max(syncs)) if syncs else None,
     }
 
 
-def _concurrent(model, audio: np.ndarray, streams: int) -> dict:
-    """Tokens/s of N sessions decoded together (batch_step) vs one alone."""
-    from .generate import Timings, batch_step
+def _sessions(model, audio: np.ndarray, n: int) -> list:
+    """``n`` finished sessions over ``audio`` at different offsets (so they are not identical)."""
     from .session import Session
 
+    sessions = [Session(model) for _ in range(n)]
+    for i, s in enumerate(sessions):
+        shift = (i * 3 * SAMPLE_RATE) % max(len(audio), 1)
+        s.push(np.roll(audio, -shift))
+        s.finish()
+    return sessions
+
+
+def _concurrent(model, audio: np.ndarray, streams: int) -> dict:
+    """Tokens/s of N sessions decoded together (one ``Batch``) vs one alone."""
+    from .generate import Batch
+
     def run(n: int) -> float:
-        sessions = [Session(model) for _ in range(n)]
-        for i, s in enumerate(sessions):  # different offsets so streams are not identical
-            shift = (i * 3 * SAMPLE_RATE) % max(len(audio), 1)
-            s.push(np.roll(audio, -shift))
-            s.finish()
+        batch = Batch(model)
+        sessions = _sessions(model, audio, n)
+        for s in sessions:
+            batch.add(s)
         t0 = time.perf_counter()
         while not all(s.done for s in sessions):
-            batch_step(model, sessions, Timings())
+            batch.step()
         return sum(len(s.token_ids) for s in sessions) / (time.perf_counter() - t0)
 
     single = run(1)
@@ -313,19 +376,90 @@ def _concurrent(model, audio: np.ndarray, streams: int) -> dict:
     }
 
 
-def run_worker(spec: dict) -> dict:
-    """Everything for one precision (runs in its own process)."""
-    import mlx.core as mx
+def _graph(model, audio: np.ndarray, counts: list[int]) -> dict:
+    """Milliseconds spent building (and dispatching) a decode step's graphs, median over the
+    steps that only decode, for each number of streams."""
+    from .generate import Batch
 
+    out = {}
+    for n in counts:
+        batch = Batch(model)
+        sessions = _sessions(model, audio, n)
+        for s in sessions:
+            batch.add(s)
+        builds = []
+        while not all(s.done for s in sessions):
+            batch.step()
+            last = batch.last_step
+            if last["decoded"] == n and not last["encoded"] and not last["prompts"]:
+                builds.append(last["build_s"])
+        out[str(n)] = round(1000 * float(np.median(builds)), 2) if builds else None
+    return {"build_ms_per_decode_step": out}
+
+
+def _fairness(model, live: np.ndarray, upload: np.ndarray, chunk_ms: int = 80) -> dict:
+    """A live stream's per-chunk latency (a chunk's arrival, at real-time pace or as soon as
+    the previous one is decoded, to its last token) alone, then while ``upload`` is
+    transcribed in the same batch, fed and scheduled as the server's engine does."""
+    from .generate import Batch
+    from .server.engine import ENCODE_TOKENS, feed_offline
+    from .session import Session
+
+    chunk = int(SAMPLE_RATE * chunk_ms / 1000)
+
+    def run(with_upload: bool) -> np.ndarray:
+        batch = Batch(model, ENCODE_TOKENS)
+        session = Session(model)
+        batch.add(session)
+        other, fed = None, 0
+        if with_upload:
+            other = Session(model)
+            batch.add(other)
+        latencies = []
+        start = time.perf_counter()
+        for k, i in enumerate(range(0, len(live), chunk)):
+            arrival = max(start + k * chunk_ms / 1000, time.perf_counter())
+            while time.perf_counter() < arrival:  # the upload goes on between the chunks
+                if other is None or other.done:
+                    time.sleep(max(0.0, arrival - time.perf_counter()))
+                    break
+                fed = feed_offline(other, upload, fed)
+                batch.step()
+            arrival = max(arrival, start + k * chunk_ms / 1000)
+            session.push(live[i : i + chunk])
+            decoded = len(session.token_ids)
+            while not _caught_up(batch, session):
+                if other is not None and not other.done:
+                    fed = feed_offline(other, upload, fed)
+                batch.step()
+            if len(session.token_ids) > decoded:
+                latencies.append(time.perf_counter() - arrival)
+        return np.array(latencies)
+
+    alone, shared = run(False), run(True)
+    p95 = lambda x: float(np.percentile(x, 95))  # noqa: E731
+    return {
+        "live_s": round(len(live) / SAMPLE_RATE, 1),
+        "upload_s": round(len(upload) / SAMPLE_RATE, 1),
+        "alone_p50_s": round(float(np.median(alone)), 4),
+        "alone_p95_s": round(p95(alone), 4),
+        "with_upload_p50_s": round(float(np.median(shared)), 4),
+        "with_upload_p95_s": round(p95(shared), 4),
+        "p95_ratio": round(p95(shared) / p95(alone), 2),
+    }
+
+
+def run_worker(spec: dict) -> dict:
+    """Everything for one backend and precision (runs in its own process)."""
     from .loader import load
 
     dtype_name, bits = PRECISIONS[spec["precision"]]
-    result = Result(spec["precision"])
+    result = Result(spec["precision"], spec["backend"], import_first=spec.get("import_first", "mlx_voxtral"))
     from . import tokenizer  # noqa: F401  (mistral-common: counted before the model)
 
     result.rss_before_load_gb = round(_rss() / 1e9, 3)
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"dtype": getattr(mx, dtype_name) if dtype_name else None}
+    kwargs: dict[str, Any] = {"dtype": dtype_name, "backend": spec["backend"]}
     if bits:
         kwargs["quantize"] = bits
     model = load(spec["model"], **kwargs)
@@ -335,13 +469,18 @@ def run_worker(spec: dict) -> dict:
     result.peak_load_rss_gb = round(_peak_rss() / 1e9, 3)
     lengths = spec["lengths"]
     audio = {s: speech(s, spec.get("audio")) for s in lengths}
+    shortest = audio[min(lengths)]
     modes = spec["modes"]
     if "offline" in modes:
         result.offline = {str(s): _offline(model, audio[s]) for s in lengths}
     if "streaming" in modes:
-        result.streaming = _streaming(model, audio[min(lengths)])
+        result.streaming = _streaming(model, shortest)
     if "concurrent" in modes:
-        result.concurrent = _concurrent(model, audio[min(lengths)], spec["streams"])
+        result.concurrent = _concurrent(model, shortest, spec["streams"])
+    if "graph" in modes:
+        result.graph = _graph(model, shortest, spec["graph_streams"])
+    if "fairness" in modes:
+        result.fairness = _fairness(model, shortest, speech(spec["upload_seconds"], spec.get("audio")))
     result.peak_rss_gb = round(_peak_rss() / 1e9, 3)
     return asdict(result)
 
@@ -423,7 +562,7 @@ def run_peer(name: str, model: str, wav: str, seconds: float, python: str, timeo
     out["peer"] = name
     out["precision"] = PEER_PRECISION[name] + (f" ({isq})" if name == "mistral.rs" and isq else "")
     if "transcribe_s" in out:
-        out["rtf"] = round(seconds / out["transcribe_s"], 3)
+        out["rtfx"] = round(seconds / out["transcribe_s"], 3)
     return out
 
 
@@ -448,10 +587,11 @@ def bf16_bytes(path: Path) -> Optional[int]:
 def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
            bf16_size: Optional[int] = None) -> str:
     bw = machine["memory_bandwidth_gbs"]
+    gflops = "; ".join(f"{b}: " + ", ".join(f"{p} {v}" for p, v in g.items()) for b, g in machine["matmul_gflops"].items())
     lines = [
-        f"machine: {machine['platform']}, {machine['cpus']} cpus, BLAS {machine['blas']}"
-        f"{' + native kernels' if machine['native_kernels'] else ''}; read bandwidth {bw} GB/s; matmul GFLOP/s "
-        + ", ".join(f"{p}: {v}" for p, v in machine["matmul_gflops"].items()),
+        f"machine: {machine['platform']}, {machine['cpus']} cpus, MLX device {machine['device']}; CPU backend "
+        f"{'BLAS ' + str(machine['blas']) + ' + native kernels' if machine['native_kernels'] else 'unavailable'}; "
+        f"read bandwidth {bw} GB/s; matmul GFLOP/s {gflops}",
         "",
         "load: resident GB after loading (the process), of which the weights (x the bf16 size), "
         "peak GB while loading",
@@ -459,39 +599,57 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
     for r in results:
         if not r.get("error"):
             ratio = f" ({r['weights_gb'] * 1e9 / bf16_size:.3f}x bf16)" if bf16_size else ""
-            lines.append(f"{r['precision']:>9} load {r['load_s']} s: RSS {r['rss_after_load_gb']} GB, "
+            lines.append(f"{r['backend']:>4} {r['precision']:>6} load {r['load_s']} s: RSS {r['rss_after_load_gb']} GB, "
                          f"weights {r['weights_gb']} GB{ratio}, peak {r['peak_load_rss_gb']} GB")
     lines += [
         "",
-        f"{'precision':>9} {'load s':>7} {'RSS GB':>7} {'peak GB':>8} {'audio s':>7} {'RTF':>6} "
+        f"{'backend':>7} {'prec.':>6} {'load s':>7} {'RSS GB':>7} {'peak GB':>8} {'audio s':>7} {'RTFx':>6} "
         f"{'enc s/s':>8} {'(bound)':>8} {'prefill t/s':>11} {'ms/token':>9} {'(bound)':>8}",
     ]
     for r in results:
+        head = f"{r.get('backend', ''):>7} {r['precision']:>6}"
         if r.get("error"):
-            lines.append(f"{r['precision']:>9}  error: {r['error']}")
+            lines.append(f"{head}  error: {r['error']}")
             continue
         costs = model_costs(params, r["precision"])
         decode_bound = 1000 * costs["decode_step_bytes"] / (bw * 1e9)
-        gflops = max(machine["matmul_gflops"].values())
-        enc_bound = costs["encoder_flops_per_audio_s"] / (gflops * 1e9) if gflops else None
-        for length, o in r["offline"].items():
+        gf = max(machine["matmul_gflops"].get(r["backend"], {0: 0}).values())
+        enc_bound = costs["encoder_flops_per_audio_s"] / (gf * 1e9) if gf else None
+        if r["import_first"] != "mlx_voxtral":
+            o = next(iter(r["offline"].values()))
+            lines.append(f"{head} import mlx.core first: RTFx {o['rtfx']} at {o['audio_s']} s")
+            continue
+        for o in r["offline"].values():
             lines.append(
-                f"{r['precision']:>9} {r['load_s']:>7} {r['rss_after_load_gb']:>7} {r['peak_rss_gb']:>8} "
-                f"{o['audio_s']:>7} {o['rtf']:>6} {o['encoder_s_per_audio_s']:>8} {_fmt(enc_bound, '.4f'):>8} "
+                f"{head} {r['load_s']:>7} {r['rss_after_load_gb']:>7} {r['peak_rss_gb']:>8} "
+                f"{o['audio_s']:>7} {o['rtfx']:>6} {o['encoder_s_per_audio_s']:>8} {_fmt(enc_bound, '.4f'):>8} "
                 f"{_fmt(o['prefill_tok_s']):>11} {o['decode_ms_per_token']:>9} {decode_bound:>8.1f}"
             )
+        pad = " " * 14
         if r["streaming"]:
             s = r["streaming"]
             lines.append(
-                f"{'':>9} streaming ({s['chunk_ms']} ms chunks): RTF {s['rtf']}, event latency p50 "
-                f"{s['event_latency_p50_s']} s / p95 {s['event_latency_p95_s']} s after the chunk "
-                f"(+ the model's {s['model_delay_s']} s delay), first text {s['first_text_s_from_start']} s"
+                f"{pad} streaming ({s['chunk_ms']} ms chunks): RTFx {s['rtfx']}, latency p50 {s['event_latency_p50_s']} s "
+                f"/ p95 {s['event_latency_p95_s']} s after the chunk (+ the model's {s['model_delay_s']} s delay), "
+                f"first text {s['first_text_s_from_start']} s; host syncs per chunk {s['host_syncs_per_chunk_mean']} "
+                f"(max {s['host_syncs_per_chunk_max']})"
             )
         if r["concurrent"]:
             c = r["concurrent"]
+            lines.append(f"{pad} {c['streams']} concurrent streams: {c['batched_tokens_per_s']} tok/s vs "
+                         f"{c['single_tokens_per_s']} tok/s alone ({c['speedup']}x)")
+        if r["graph"]:
+            g = r["graph"]["build_ms_per_decode_step"]
+            first = next(iter(g.values()))
+            lines.append(f"{pad} graph building per decode step: " + ", ".join(
+                f"{n} streams {ms} ms" for n, ms in g.items()) + (
+                f" ({g[max(g, key=int)] / first:.2f}x from {min(g, key=int)} to {max(g, key=int)})" if first else ""))
+        if r["fairness"]:
+            f = r["fairness"]
             lines.append(
-                f"{'':>9} {c['streams']} concurrent streams: {c['batched_tokens_per_s']} tok/s vs "
-                f"{c['single_tokens_per_s']} tok/s alone ({c['speedup']}x)"
+                f"{pad} live stream ({f['live_s']} s) per-chunk latency: alone p50 {f['alone_p50_s']} / p95 "
+                f"{f['alone_p95_s']} s; beside a {f['upload_s']} s upload p50 {f['with_upload_p50_s']} / p95 "
+                f"{f['with_upload_p95_s']} s ({f['p95_ratio']}x at p95)"
             )
     if peers:
         lines += ["", "peers (same checkpoint, same audio):"]
@@ -500,7 +658,7 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
                 lines.append(f"  {p['peer']:>12} [{p['precision']}]: error: {p['error']}")
             else:
                 lines.append(
-                    f"  {p['peer']:>12} [{p['precision']}]: RTF {p['rtf']}, load {p['load_s']:.1f} s, "
+                    f"  {p['peer']:>12} [{p['precision']}]: RTFx {p['rtfx']}, load {p['load_s']:.1f} s, "
                     f"transcribe {p['transcribe_s']:.1f} s"
                 )
     return "\n".join(lines)
@@ -516,10 +674,10 @@ def plot(results: list[dict], path: str) -> None:
     for r in results:
         if r.get("offline"):
             xs = sorted(float(k) for k in r["offline"])
-            ax.plot(xs, [r["offline"][k]["rtf"] for k in sorted(r["offline"], key=float)], marker="o",
-                    label=r["precision"])
+            ax.plot(xs, [r["offline"][k]["rtfx"] for k in sorted(r["offline"], key=float)], marker="o",
+                    label=f"{r['backend']} {r['precision']}")
     ax.set_xlabel("audio length (s)")
-    ax.set_ylabel("real-time factor (audio s / wall s)")
+    ax.set_ylabel("RTFx (audio s / wall s)")
     ax.set_title("mlx_voxtral offline transcription")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -531,33 +689,41 @@ def plot(results: list[dict], path: str) -> None:
 # entry point
 
 
+def _worker_command(spec: dict) -> list[str]:
+    """A worker process; ``import_first`` says which of ``mlx.core`` and ``mlx_voxtral`` it imports first."""
+    order = ["mlx.core", "mlx_voxtral"] if spec.get("import_first") == "mlx" else ["mlx_voxtral", "mlx.core"]
+    code = (f"import {order[0]}; import {order[1]}; import json, sys; from mlx_voxtral.bench import run_worker; "
+            "print(json.dumps(run_worker(json.loads(sys.argv[1]))))")
+    return ["-c", code, json.dumps(spec)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-voxtral bench", description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint folder or Hugging Face repo id")
-    src.add_argument("--random", choices=["tiny", "full"], help="a cached random-weight checkpoint")
+    src.add_argument("--random", choices=["tiny", "deep", "full"],
+                     help="a cached random-weight checkpoint (deep: tiny widths at the real depth)")
     parser.add_argument("--audio", help="speech file (default: espeak-ng sentences)")
+    parser.add_argument("--backends", default="auto", help="of cpu, mlx, auto (comma separated)")
     parser.add_argument("--lengths", default="60", help="audio lengths in seconds, comma separated")
     parser.add_argument("--precisions", default="fp32,bf16,8,4",
                         help="of fp32, bf16, 8, 4, stored (the folder as it is, e.g. converted)")
     parser.add_argument("--modes", default="offline,streaming,concurrent",
-                        help="of offline, streaming, concurrent; \"load\" alone measures loading only")
+                        help="of offline, streaming, concurrent, graph, fairness, imports; "
+                             "\"load\" alone measures loading only")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--graph-streams", default="1,8,32", help="stream counts of the graph mode")
+    parser.add_argument("--upload-seconds", type=float, default=600.0, help="the fairness mode's upload")
     parser.add_argument("--peers", default="", help="comma list of voxmlx,mlx-audio,mistral.rs,transformers or 'all'")
     parser.add_argument("--peer-python", default=sys.executable, help="interpreter that has the peers installed")
     parser.add_argument("--peer-timeout", type=float, default=3600.0)
     parser.add_argument("--mistralrs-isq", default="", help="in_situ_quant for mistral.rs (e.g. Q4K)")
     parser.add_argument("--json", help="write all figures to this JSON file")
-    parser.add_argument("--plot", help="write a PNG of RTF against audio length (needs matplotlib)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plot", help="write a PNG of RTFx against audio length (needs matplotlib)")
     args = parser.parse_args(argv)
 
-    if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return 0
-
     model = str(random_checkpoint(args.random)) if args.random else (args.model or "mistralai/Voxtral-Mini-4B-Realtime-2602")
-    from .loader import load_args, resolve_path
+    from .loader import load_args, resolve_backend, resolve_path
 
     path = resolve_path(model)
     params = json.loads((path / "params.json").read_text()) if (path / "params.json").exists() else None
@@ -568,18 +734,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     for p in precisions:
         if p not in PRECISIONS:
             parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    modes = [m for m in args.modes.split(",") if m]
+    known = ("load", "offline", "streaming", "concurrent", "graph", "fairness", "imports")
+    for m in modes:
+        if m not in known:
+            parser.error(f"unknown mode {m!r}; choose from {', '.join(known)}")
+    try:
+        backends = list(dict.fromkeys(resolve_backend(b) for b in args.backends.split(",") if b))
+    except VoxtralError as e:
+        parser.error(str(e))
     names = list(_PEER_CODE) if args.peers == "all" else [n for n in args.peers.split(",") if n]
     for name in names:
         if name not in _PEER_CODE:
             parser.error(f"unknown peer {name!r}; choose from {', '.join(_PEER_CODE)} or 'all'")
-    machine = measure_machine(precisions)
+    machine = measure_machine(precisions, backends)
     results = []
-    for p in precisions:
-        spec = {"model": str(path), "precision": p, "lengths": lengths, "audio": args.audio,
-                "modes": args.modes.split(","), "streams": args.streams}
-        print(f"benchmarking {p} ...", file=sys.stderr)
-        out = _in_subprocess(["-m", "mlx_voxtral.bench", "--worker", json.dumps(spec)], None)
-        results.append(out if "precision" in out else {"precision": p, **out})
+    spec = {"model": str(path), "lengths": lengths, "audio": args.audio, "streams": args.streams,
+            "graph_streams": [int(n) for n in args.graph_streams.split(",") if n],
+            "upload_seconds": args.upload_seconds}
+    for backend in backends:
+        for p in precisions:
+            runs = [{**spec, "backend": backend, "precision": p, "modes": [m for m in modes if m != "imports"]}]
+            if "imports" in modes:  # the same offline run, with mlx.core imported first
+                runs.append({**spec, "backend": backend, "precision": p, "modes": ["offline"],
+                             "lengths": [min(lengths)], "import_first": "mlx"})
+            for run in runs:
+                print(f"benchmarking {backend} {p}{' (mlx.core imported first)' if 'import_first' in run else ''} ...",
+                      file=sys.stderr)
+                out = _in_subprocess(_worker_command(run), None)
+                results.append(out if "precision" in out else {"precision": p, "backend": backend, **out})
     peers = []
     if names:
         seconds = max(lengths)

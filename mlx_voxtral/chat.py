@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from .audio_url import SourcePolicy, decode_input_audio, read_audio_url
 from .exceptions import InvalidRequestError
-from .session import check_max_tokens, check_temperature
+from .validate import check_max_tokens, check_n, check_temperature
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 PART_SEPARATOR = "\n"  # between the transcripts of several audio parts
@@ -59,8 +59,7 @@ def check_options(max_tokens: Any, temperature: Any, n_choices: Any = 1) -> tupl
     """Validated ``(max_tokens, temperature)``; ``temperature=None`` means greedy."""
     max_tokens = check_max_tokens(max_tokens)
     temperature = 0.0 if temperature is None else check_temperature(temperature)
-    if n_choices not in (None, 1):
-        raise InvalidRequestError(f"only one choice per request is supported, got n={n_choices!r}")
+    check_n(n_choices)
     return max_tokens, temperature
 
 
@@ -126,28 +125,6 @@ def audio_inputs(messages: Any, policy: Optional[SourcePolicy] = None) -> list[b
             "(Voxtral Realtime transcribes audio; text instructions are ignored)"
         )
     return audio
-
-
-class DeltaText:
-    """Text pieces in, deltas out whose concatenation is the (stripped) session text.
-
-    Leading whitespace is dropped and trailing whitespace held back until more text comes.
-    """
-
-    def __init__(self):
-        self.started = False
-        self.held = ""
-
-    def add(self, piece: str) -> str:
-        if not self.started:
-            piece = piece.lstrip()
-            if not piece:
-                return ""
-            self.started = True
-        piece = self.held + piece
-        body = piece.rstrip()
-        self.held = piece[len(body):]
-        return body
 
 
 # responses ------------------------------------------------------------------------------

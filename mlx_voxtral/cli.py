@@ -19,33 +19,16 @@ from pathlib import Path
 from typing import Optional
 
 from .exceptions import VoxtralError
-from .loader import DEFAULT_MODEL
+from .options import add_model_args, load_model
 from .writers import FORMATS
 
 PROG = "mlx-voxtral"
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--quantize`` and ``--group-size``, shared by the subcommands that load."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"Hugging Face repo id or local folder (default: {DEFAULT_MODEL})")
-    parser.add_argument("--quantize", type=int, choices=(4, 8), default=None,
-                        help="quantize the weights group-wise while loading (bits)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64,
-                        help="quantization group size (default: 64)")
 
 
 def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay-ms", type=int, default=None,
                         help="transcription delay, a multiple of 80 from 80 to 2400 (default: 480)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
-
-
-def load_model(args):
-    from .loader import load
-
-    print(f"loading {args.model} ...", file=sys.stderr)
-    return load(args.model, quantize=args.quantize, group_size=args.group_size)
 
 
 def _transcribe(args) -> int:
@@ -90,7 +73,7 @@ def _transcribe(args) -> int:
             target.write_text(text, encoding="utf-8")
             if not args.quiet:
                 print(f"{path} -> {target} ({result.audio_duration:.1f} s of audio, "
-                      f"{result.real_time_factor:.2f}x real time)", file=sys.stderr)
+                      f"RTFx {result.rtfx:.2f})", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -160,7 +143,7 @@ def _delegate(command: str, argv: list[str]) -> int:
     prog = f"{PROG} {command}"
     try:
         if command == "serve":
-            from .serve import main as serve_main
+            from .server import main as serve_main
 
             return serve_main(argv, prog=prog) or 0
         if command == "convert":

@@ -1,10 +1,13 @@
 """The transcription engine: one thread that decodes every request and live session together.
 
 MLX arrays must be evaluated on the thread that built them, so all model work (creating
-``Session``s, pushing audio, ``batch_step``, results) happens on the engine's one worker
+``Session``s, pushing audio, stepping the batch, results) happens on the engine's one worker
 thread. Each loop iteration admits queued jobs up to ``max_concurrency``, feeds them
-audio, and runs ``batch_step``: one encoder pass and one decoder forward for every active
-stream at once. Events go back to each job's asyncio queue with
+audio, and runs one step of a ``Batch`` (``mlx_voxtral.generate``) holding every active
+job's session: one encoder pass, one decoder pass for every stream's next token, the next
+step dispatched before the last one's tokens are read. Encoder work is at most
+``encode_tokens`` tokens per stream and step, so a long upload is encoded a chunk at a time
+while live streams keep their cadence. Events go back to each job's asyncio queue with
 ``loop.call_soon_threadsafe``.
 
 Two kinds of job:
@@ -31,10 +34,13 @@ from typing import Optional
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
-from .exceptions import VoxtralError
-from .generate import Timings, Transcription, batch_step, result
-from .session import Session
+from ..audio import SAMPLE_RATE
+from ..exceptions import VoxtralError
+from ..generate import Batch, result, wired_limit
+from ..results import Failed, Finished, PartDone
+from ..sample import Sampler
+from ..session import Session
+from ..validate import check_samples
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,9 @@ log = logging.getLogger(__name__)
 # than one block of it is waiting to be decoded.
 FEED_SECONDS = 10.0
 IDLE_WAIT = 0.05  # seconds the worker sleeps when no stream can advance
+# Encoder work per stream and step, in 80 ms tokens: a long upload's 64 (5 s of audio) once
+# every 64 steps costs the live streams beside it one slow step in 64.
+ENCODE_TOKENS = 64
 
 
 class QueueFullError(VoxtralError):
@@ -60,27 +69,20 @@ class EngineClosedError(VoxtralError):
     """The engine was shut down."""
 
 
-# events ---------------------------------------------------------------------------------
-@dataclass
-class PartDone:
-    """One audio of an offline job (or the live audio) is transcribed."""
-
-    index: int
-    result: Transcription
-
-
-@dataclass
-class Finished:
-    """The job is complete: one ``Transcription`` per audio transcribed."""
-
-    results: list[Transcription]
-
-
-@dataclass
-class Failed:
-    """The job failed; ``error`` is the exception."""
-
-    error: BaseException
+def feed_offline(session: Session, audio: np.ndarray, fed: int) -> int:
+    """Give an offline session its next ``FEED_SECONDS`` of ``audio`` once less than that waits
+    to be decoded (the end of the audio finishes it); returns the samples fed so far."""
+    if session.finished:
+        return fed
+    stream = session.stream
+    waiting = stream.pending_tokens() + stream.buffered  # 80 ms tokens
+    block = int(FEED_SECONDS * SAMPLE_RATE)
+    if waiting * stream.samples_per_token < block:
+        session.push(audio[fed : fed + block])
+        fed += block
+        if fed >= audio.shape[0]:
+            session.finish()
+    return fed
 
 
 # jobs -----------------------------------------------------------------------------------
@@ -113,7 +115,6 @@ class Job:
     fed: int = 0  # samples of the current offline audio pushed so far
     results: list = field(default_factory=list)
     text_tokens: int = 0  # text tokens of the finished parts (max_tokens budget)
-    timings: Timings = field(default_factory=Timings)
     inbox: collections.deque = field(default_factory=collections.deque)
 
     def append(self, samples: np.ndarray) -> None:
@@ -157,16 +158,20 @@ class Engine:
         request_timeout: seconds an offline job may take from submission (queue wait
             included) before it fails with ``RequestTimeoutError``; ``None``: no limit. Live
             jobs last as long as their connection.
+        encode_tokens: most audio tokens (80 ms each) a stream encodes per step (default
+            ``ENCODE_TOKENS``, at most the model's ``encode_tokens``).
     """
 
     def __init__(self, model, max_concurrency: int = 8, max_queue: int = 32,
-                 request_timeout: Optional[float] = 600.0):
+                 request_timeout: Optional[float] = 600.0, encode_tokens: Optional[int] = None):
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
         self.model = model
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.request_timeout = request_timeout
+        self.encode_tokens = encode_tokens or ENCODE_TOKENS
+        self.batch: Optional[Batch] = None  # the worker thread's
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._lock = threading.Lock()
@@ -227,49 +232,61 @@ class Engine:
 
     # worker thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            self._wakeup.clear()
-            with self._lock:
-                closed = self._closed
-                while not closed and self._pending and len(self._active) < self.max_concurrency:
-                    self._active.append(self._pending.popleft())
-                jobs = list(self._active)
-            if closed:
-                for job in jobs + list(self._pending):
-                    job._emit(Failed(EngineClosedError("the server is shutting down")))
-                return
-            jobs = [job for job in jobs if self._prepare(job)]
-            try:
-                progressed = self._step(jobs) if jobs else False
-            except Exception as e:  # a bug: fail this step's jobs, keep serving the others
-                log.exception("engine step failed")
-                for job in jobs:
-                    self._fail(job, e)
-                progressed = True
-            with self._lock:
-                self._active = [j for j in self._active if j in jobs and not self._finished(j)]
-            if not progressed:
-                self._wakeup.wait(IDLE_WAIT)
+        with wired_limit():
+            self.batch = Batch(self.model, self.encode_tokens)
+            while True:
+                self._wakeup.clear()
+                with self._lock:
+                    closed = self._closed
+                    while not closed and self._pending and len(self._active) < self.max_concurrency:
+                        self._active.append(self._pending.popleft())
+                    jobs = list(self._active)
+                if closed:
+                    for job in jobs + list(self._pending):
+                        job._emit(Failed(EngineClosedError("the server is shutting down")))
+                    return
+                jobs = [job for job in jobs if self._prepare(job)]
+                try:
+                    progressed = self._step(jobs) if jobs else False
+                except Exception as e:  # a bug: fail this step's jobs, keep serving the others
+                    log.exception("engine step failed")
+                    for job in jobs:
+                        self._fail(job, e)
+                    self.batch = Batch(self.model, self.encode_tokens)
+                    progressed = True
+                with self._lock:
+                    self._active = [j for j in self._active if j in jobs and not self._finished(j)]
+                if not progressed:
+                    self._wakeup.wait(IDLE_WAIT)
 
     @staticmethod
     def _finished(job: Job) -> bool:
         return job.cancelled or job.closed
 
-    def _fail(self, job: Job, error: BaseException) -> None:
+    def _drop(self, job: Job) -> None:
+        """Take the job's session out of the batch."""
+        if job.session is not None and job.session in self.batch.sessions:
+            self.batch.remove(job.session)
         job.session = None
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        self._drop(job)
         job.closed = True
         job._emit(Failed(error))
 
     def _prepare(self, job: Job) -> bool:
         """Drop a cancelled or late job; start its session; give it audio. False: drop it."""
         if job.cancelled or job.closed:
+            self._drop(job)
             return False
         if job.deadline is not None and time.monotonic() > job.deadline:
             self._fail(job, RequestTimeoutError(f"the request took more than {self.request_timeout:g} s"))
             return False
         try:
             if job.session is None:
-                job.session = Session(self.model, job.delay_ms, job.temperature, job.seed, self._budget(job))
+                job.session = Session(self.model, job.delay_ms, max_tokens=self._budget(job),
+                                      sampler=Sampler(job.temperature, seed=job.seed))
+                self.batch.add(job.session)
             if job.live:
                 self._feed_live(job)
             else:
@@ -286,17 +303,7 @@ class Engine:
         return job.max_tokens - job.text_tokens
 
     def _feed_offline(self, job: Job) -> None:
-        session, audio = job.session, job.audios[job.part]
-        if session.finished:
-            return
-        stream = session.stream
-        waiting = stream.pending_tokens() + stream.embedded - stream.position  # 80 ms tokens
-        block = int(FEED_SECONDS * SAMPLE_RATE)
-        if waiting * stream.samples_per_token < block:
-            session.push(audio[job.fed : job.fed + block])
-            job.fed += block
-            if job.fed >= audio.shape[0]:
-                session.finish()
+        job.fed = feed_offline(job.session, job.audios[job.part], job.fed)
 
     def _feed_live(self, job: Job) -> None:
         session = job.session
@@ -309,48 +316,41 @@ class Engine:
                     raise VoxtralError("no audio was appended before the end of the session")
                 session.finish()
             elif item.shape[0]:
-                if not np.isfinite(item).all():
-                    raise VoxtralError("the audio contains NaN or infinite samples")
-                session.push(item)
+                session.push(check_samples(item))
 
     def _step(self, jobs: list[Job]) -> bool:
-        """One ``batch_step`` over the jobs' sessions; True if any stream advanced."""
-        sessions = [job.session for job in jobs]
+        """One step of the batch; True if any stream advanced."""
         self.steps += 1
-        self.max_batch = max(self.max_batch, len(sessions))
-        before = [(id(s.stream), s.stream.position, s.stream.embedded, s.done) for s in sessions]
-        timings = Timings()
+        self.max_batch = max(self.max_batch, len(self.batch))
         try:
-            events = batch_step(self.model, sessions, timings)
+            events, progressed = self.batch.step()
         except Exception as e:  # cannot tell whose stream broke it: fail every job in the step
-            log.exception("batch_step failed")
+            log.exception("the batch step failed")
             for job in jobs:
                 self._fail(job, e)
+            self.batch = Batch(self.model, self.encode_tokens)
             return True
-        for job, session, evs in zip(jobs, sessions, events):
-            job.timings.encode += timings.encode
-            job.timings.decode += timings.decode
-            for event in evs:
+        for job in jobs:
+            session = job.session
+            for event in events.get(session, ()):
                 job._emit(event)
-            if session.done:
+            if session is not None and session.done:
                 try:
                     self._end_part(job)
                 except Exception as e:
                     log.exception("finishing a job failed")
                     self._fail(job, e)
-        after = [(id(s.stream), s.stream.position, s.stream.embedded, s.done) for s in sessions]
-        return before != after
+        return progressed
 
     def _end_part(self, job: Job) -> None:
         session = job.session
-        part = result(session, job.timings)
+        part = result(session)
+        self._drop(job)
         job.text_tokens += session.n_text
         job.results.append(part)
         job._emit(PartDone(job.part, part))
-        job.timings = Timings()
         job.part += 1
         job.fed = 0
-        job.session = None
         if job.live or part.finish_reason == "length" or job.part >= len(job.audios):
             job.closed = True  # leaves the active set (before the client can see its answer)
             job._emit(Finished(job.results))

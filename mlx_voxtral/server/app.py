@@ -54,11 +54,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .audio import SAMPLE_RATE, iter_audio
-from .audio_url import AudioTooLargeError, ForbiddenSourceError, SourcePolicy
-from .chat import (
+from ..audio import SAMPLE_RATE, iter_audio
+from ..audio_url import AudioTooLargeError, ForbiddenSourceError, SourcePolicy
+from ..chat import (
     PART_SEPARATOR,
-    DeltaText,
     Usage,
     audio_inputs,
     check_options,
@@ -67,19 +66,11 @@ from .chat import (
     completion_response,
     finish_reason,
 )
-from .engine import (
-    Engine,
-    EngineClosedError,
-    Failed,
-    Finished,
-    Job,
-    PartDone,
-    QueueFullError,
-    RequestTimeoutError,
-)
-from .exceptions import AudioError, InvalidRequestError, UnsupportedAudioFormatError, VoxtralError
-from .session import TextDelta, check_temperature
-from .writers import render
+from ..exceptions import AudioError, InvalidRequestError, UnsupportedAudioFormatError, VoxtralError
+from ..results import DeltaText, Failed, Finished, PartDone
+from ..validate import check_seed, check_temperature
+from ..writers import render
+from .engine import Engine, EngineClosedError, Job, QueueFullError, RequestTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +302,10 @@ class VoxtralAPI:
             raise APIError(400, "'stream' must be a boolean", param="stream")
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, "'seed' must be an integer", param="seed")
+        try:
+            seed = check_seed(seed)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="seed")
         encoded = await run_in_threadpool(audio_inputs, body.get("messages"), self.policy)
         audios = [await run_in_threadpool(self.decode, data) for data in encoded]
         job = self.engine.submit(audios, max_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -333,14 +326,13 @@ class VoxtralAPI:
             text = DeltaText()
             while True:
                 event = await job.next_event()
-                if isinstance(event, TextDelta):
-                    piece = text.add(event.text)
-                    if piece:
-                        yield data(content=piece)
+                piece = text.add(event)
+                if piece:
+                    yield data(content=piece)
                 elif isinstance(event, PartDone):
                     if event.result.finish_reason != "length" and event.index < n_parts - 1:
                         yield data(content=PART_SEPARATOR)
-                    text = DeltaText()
+                    text.reset()
                 elif isinstance(event, Finished):
                     yield data(finish=finish_reason(event.results))
                     if include_usage:
@@ -413,10 +405,9 @@ class VoxtralAPI:
             text = DeltaText()
             while True:
                 event = await job.next_event()
-                if isinstance(event, TextDelta):
-                    piece = text.add(event.text)
-                    if piece:
-                        yield sse({"type": "transcript.text.delta", "delta": piece})
+                piece = text.add(event)
+                if piece:
+                    yield sse({"type": "transcript.text.delta", "delta": piece})
                 elif isinstance(event, Finished):
                     result = event.results[0]
                     yield sse({"type": "transcript.text.done", "text": result.text,
@@ -536,10 +527,9 @@ class VoxtralAPI:
         try:
             while True:
                 event = await job.next_event()
-                if isinstance(event, TextDelta):
-                    piece = text.add(event.text)
-                    if piece:
-                        await websocket.send_json({"type": "transcription.delta", "delta": piece})
+                piece = text.add(event)
+                if piece:
+                    await websocket.send_json({"type": "transcription.delta", "delta": piece})
                 elif isinstance(event, Finished):
                     u = Usage.from_results(event.results)
                     await websocket.send_json({"type": "transcription.done", "text": event.results[0].text,

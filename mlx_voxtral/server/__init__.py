@@ -1,8 +1,11 @@
-"""``python -m mlx_voxtral.serve``: the OpenAI-compatible transcription server.
+"""The OpenAI-compatible transcription server: ``mlx-voxtral serve`` or ``python -m mlx_voxtral.server``.
 
-Loads the model once, then serves ``mlx_voxtral.server``'s app with uvicorn::
+* ``app``: the Starlette routes (HTTP parsing, validation, OpenAI-shaped answers);
+* ``engine``: the one thread that schedules and batches every request's model work.
 
-    python -m mlx_voxtral.serve --model mistralai/Voxtral-Mini-4B-Realtime-2602 --port 1234
+``main`` loads the model once, then serves the app with uvicorn::
+
+    python -m mlx_voxtral.server --model mistralai/Voxtral-Mini-4B-Realtime-2602 --port 1234
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import sys
 from typing import Optional
 
-from .cli import add_model_args
+from ..options import add_model_args, load_model
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -35,10 +38,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_voxtral.serve") -> int:
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_voxtral.server") -> int:
     """Parse ``argv``, load the model and serve until interrupted. Returns the exit code."""
     args = build_parser(prog).parse_args(argv)
-    name = prog or "mlx_voxtral.serve"
+    name = prog or "mlx_voxtral.server"
     for flag, value in (("--max-concurrency", args.max_concurrency), ("--port", args.port)):
         if value < 1:
             print(f"{name}: error: {flag} must be positive", file=sys.stderr)
@@ -52,18 +55,17 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
     try:
         import uvicorn
 
-        from .audio_url import SourcePolicy
-        from .server import create_app
+        from ..audio_url import SourcePolicy
+        from .app import create_app
     except ImportError as e:
         print(f"{name}: error: {e.name} is missing; install the server extra: pip install 'mlx-voxtral[serve]'",
               file=sys.stderr)
         return 1
 
-    from . import load
-    from .exceptions import VoxtralError
+    from ..exceptions import VoxtralError
 
     try:
-        model = load(args.model, quantize=args.quantize, group_size=args.group_size)
+        model = load_model(args, quiet=True)
     except VoxtralError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
@@ -87,5 +89,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def create_app(*args, **kwargs):
+    """``mlx_voxtral.server.app.create_app`` (needs the ``serve`` extra)."""
+    from .app import create_app as make
+
+    return make(*args, **kwargs)
