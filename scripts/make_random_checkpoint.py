@@ -84,6 +84,11 @@ TINY = {
     "encoder": {"dim": 128, "n_layers": 2, "head_dim": 48, "hidden_dim": 512, "n_heads": 4, "n_kv_heads": 4},
 }
 
+# The tiny widths at the real depth (26 decoder, 32 encoder layers): the full model's graph and
+# code path per step at a fraction of its arithmetic (what host syncs and graph-building time
+# are measured on).
+DEEP = {**TINY, "n_layers": 26, "encoder": {**TINY["encoder"], "n_layers": 32}}
+
 AUDIO_SECTION = {
     "sampling_rate": 16000,
     "frame_rate": 12.5,
@@ -115,10 +120,11 @@ def make_params(
     max_length: int | None = None,
 ) -> dict:
     params = copy.deepcopy(FULL_PARAMS)
-    if preset == "tiny":
+    if preset in ("tiny", "deep"):
+        small = TINY if preset == "tiny" else DEEP
         enc = params["multimodal"]["whisper_model_args"]["encoder_args"]
-        params.update({k: v for k, v in TINY.items() if k != "encoder"})
-        enc.update(TINY["encoder"])
+        params.update({k: v for k, v in small.items() if k != "encoder"})
+        enc.update(small["encoder"])
     elif preset != "full":
         raise ValueError(f"unknown preset {preset!r}")
     if decoder_window is not None:
@@ -266,7 +272,8 @@ def write_checkpoint(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--preset", choices=["tiny", "deep", "full"], default="tiny",
+                        help="tiny widths and depth; tiny widths at the real depth; every real shape")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx  # noqa: F401  (before mlx_voxtral, as most MLX users write it)
 import numpy as np
 import pytest
 
-import mlx_voxtral  # noqa: F401  (first: it puts the system BLAS in front of MLX's)
+import mlx_voxtral
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,13 +91,41 @@ def speech_stereo_44k(audio_dir, speech_5s) -> Path:
     return path
 
 
+# The model-level suites run on both backends: "cpu" (the Linux CPU backend) and "mlx" (the
+# plain MLX modules, what a Mac runs; here on MLX's CPU device, in the Mac's configuration).
+@pytest.fixture(scope="session", params=["cpu", "mlx"])
+def backend(request) -> str:
+    if request.param == "cpu":
+        from mlx_voxtral import cpu
+
+        if not cpu.available():
+            pytest.skip(f"no CPU backend here: {cpu.unavailable_reason()}")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def model_fp32(tiny_checkpoint):
-    import mlx.core as mx
-
-    import mlx_voxtral
-
+    """The default backend's model in float32 (for the suites that do not test backends)."""
     return mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32)
+
+
+@pytest.fixture(scope="session")
+def fp32(tiny_checkpoint, backend):
+    """The backend's model in float32: token-exact with the reference."""
+    return mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32, backend=backend)
+
+
+@pytest.fixture(scope="session")
+def half(tiny_checkpoint, backend):
+    """The backend's model as people run it unquantized: the checkpoint's bf16 weights; on the
+    MLX backend with bf16 activations (a Mac), on the CPU backend with float32 activations."""
+    return mlx_voxtral.load(tiny_checkpoint, backend=backend)
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_checkpoint, backend):
+    """The backend's 8- and 4-bit models (quantized while loading)."""
+    return {bits: mlx_voxtral.load(tiny_checkpoint, quantize=bits, backend=backend) for bits in (8, 4)}
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +135,20 @@ def reference(tiny_checkpoint):
     from reference import Reference
 
     return Reference(tiny_checkpoint)
+
+
+# A step whose reference top-2 logit margin is below this is a near-tie: beyond it, any
+# precision but float32 may take the other token and legitimately diverge.
+TIE_MARGIN = {"bf16": 0.5, "8": 1.0, "4": 4.0}
+
+
+def tie_aware(ids: list[int], ref_ids: list[int], margins: list[float], threshold: float) -> tuple[int, int]:
+    """``(n, horizon)``: ``ids`` agree with the float32 reference ``ref_ids`` on their first
+    ``n`` tokens; ``horizon`` is the first step whose reference margin is below
+    ``threshold`` (or the reference's length). Agreement is expected up to the horizon."""
+    horizon = next((i for i, m in enumerate(margins) if m < threshold), len(margins))
+    n = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+    return n, horizon
 
 
 def rel_err(a, b) -> float:

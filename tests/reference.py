@@ -193,13 +193,24 @@ class Reference:
             "padded_audio": padded,
         }
 
-    @torch.no_grad()
     def generate(self, audio: np.ndarray, delay_ms: int | None = None) -> list[int]:
+        return self.generate_with_margins(audio, delay_ms)[0]
+
+    @torch.no_grad()
+    def generate_with_margins(self, audio: np.ndarray, delay_ms: int | None = None) -> tuple[list[int], list[float]]:
+        """Greedy ids and, for each, the margin between the top two logits of its step."""
         inputs = self.inputs(audio, delay_ms)
         out = self.model.generate(
             input_ids=inputs["input_ids"],
             input_features=inputs["input_features"],
             num_delay_tokens=inputs["num_delay_tokens"],
             do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-        return out[0, inputs["input_ids"].shape[1] :].tolist()
+        ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        margins = []
+        for logits in out.logits:
+            top = torch.topk(logits[0].float(), 2).values
+            margins.append(float(top[0] - top[1]))
+        return ids, margins

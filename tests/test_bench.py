@@ -9,36 +9,45 @@ import sys
 from conftest import ROOT
 
 
-def test_bench_reports_all_modes_and_failing_peers(tiny_checkpoint, tmp_path):
+def _bench(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args],
+                          capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+def test_bench_reports_every_mode_and_failing_peers(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--model", str(tiny_checkpoint),
-         "--lengths", "2,4", "--precisions", "bf16,4", "--streams", "2", "--json", str(out),
-         "--peers", "no-such-peer-check,voxmlx", "--peer-python", sys.executable, "--peer-timeout", "120"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    # an unknown peer name is a usage error, reported before anything runs
-    assert r.returncode == 2 and "unknown peer" in r.stderr
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--model", str(tiny_checkpoint),
-         "--lengths", "2,4", "--precisions", "bf16,4", "--streams", "2", "--json", str(out),
-         "--peers", "voxmlx", "--peer-python", sys.executable, "--peer-timeout", "120"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
+    common = ["--model", str(tiny_checkpoint), "--lengths", "2", "--precisions", "bf16", "--json", str(out)]
+    # an unknown peer, mode or backend is a usage error, reported before anything runs
+    for bad, message in [(["--peers", "no-such-peer"], "unknown peer"), (["--modes", "offline,speed"], "unknown mode"),
+                         (["--backends", "gpu"], "backend must be one of")]:
+        r = _bench(*common, *bad, cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    modes = "offline,streaming,concurrent,graph,fairness,imports"
+    r = _bench(*common, "--backends", "cpu,mlx", "--modes", modes, "--streams", "2", "--graph-streams", "1,2",
+               "--upload-seconds", "8", "--peers", "voxmlx", "--peer-python", sys.executable, "--peer-timeout", "120",
+               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert data["machine"]["memory_bandwidth_gbs"] > 0
-    assert data["machine"]["matmul_gflops"]["fp32"] > 0
-    assert [x["precision"] for x in data["results"]] == ["bf16", "4"]
+    assert set(data["machine"]["matmul_gflops"]) == {"cpu", "mlx"}
+    runs = [(x["backend"], x["import_first"]) for x in data["results"]]
+    assert runs == [("cpu", "mlx_voxtral"), ("cpu", "mlx"), ("mlx", "mlx_voxtral"), ("mlx", "mlx")]
     for x in data["results"]:
         assert x["load_s"] > 0 and x["weights_gb"] > 0 and x["peak_rss_gb"] >= x["rss_after_load_gb"]
-        assert set(x["offline"]) == {"2.0", "4.0"}
-        for o in x["offline"].values():
-            assert o["rtf"] > 0 and o["decode_ms_per_token"] > 0 and o["encoder_s_per_audio_s"] > 0
-        assert x["streaming"]["first_text_s_from_start"] is None or x["streaming"]["first_text_s_from_start"] > 0
-        assert x["streaming"]["event_latency_p50_s"] >= 0
+        (o,) = x["offline"].values()
+        assert o["rtfx"] > 0 and o["decode_ms_per_token"] > 0 and o["encoder_s_per_audio_s"] > 0
+        if x["import_first"] == "mlx":
+            continue
+        s = x["streaming"]
+        assert s["rtfx"] > 0 and s["event_latency_p50_s"] >= 0 and s["host_syncs_per_chunk_mean"] >= 1
         assert x["concurrent"]["streams"] == 2 and x["concurrent"]["batched_tokens_per_s"] > 0
+        assert set(x["graph"]["build_ms_per_decode_step"]) == {"1", "2"}
+        assert x["fairness"]["alone_p95_s"] > 0 and x["fairness"]["with_upload_p95_s"] > 0
+    mlx = data["results"][2]
+    assert mlx["streaming"]["host_syncs_per_chunk_max"] == 1  # the token read, nothing else
     # a peer that cannot run is reported with its error, not skipped
     (peer,) = data["peers"]
-    assert peer["peer"] == "voxmlx" and (peer.get("error") or peer.get("rtf"))
-    assert "(bound)" in r.stdout and "voxmlx" in r.stdout
+    assert peer["peer"] == "voxmlx" and (peer.get("error") or peer.get("rtfx"))
+    for text in ("(bound)", "voxmlx", "host syncs per chunk", "graph building per decode step",
+                 "beside a 8.0 s upload", "import mlx.core first"):
+        assert text in r.stdout, text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,9 +17,10 @@ SRT_BLOCK = re.compile(r"^\d+\n\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}\n.+
 VTT_CUE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}\n.+$", re.S)
 
 
-def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "MLX_VOXTRAL_BACKEND"}
     return subprocess.run([sys.executable, "-m", "mlx_voxtral", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=cwd, env={**environment, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +122,8 @@ def test_listen_at_real_time_pace(tiny_checkpoint, speech_5s, expected):
         ([], 2, "required"),
         (["listen", "--from-file", "/no/such/file.wav", "--model", "{ckpt}"], 1, "not found"),
         (["convert", "--model", "{ckpt}", "--out", "{tmp}/x", "--bits", "3"], 2, "bits must be 4 or 8"),
+        (["transcribe", "{speech}", "--backend", "gpu"], 2, "invalid choice"),
+        (["transcribe", "{speech}", "--dtype", "int8"], 2, "invalid choice"),
     ],
 )
 def test_user_errors(args, code, message, tiny_checkpoint, speech_5s, tmp_path):
@@ -132,6 +136,19 @@ def test_user_errors(args, code, message, tiny_checkpoint, speech_5s, tmp_path):
     assert r.returncode == code, (r.stdout, r.stderr)
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_backend_and_dtype_options(tiny_checkpoint, speech_5s):
+    """``--backend mlx --dtype float32`` runs the plain MLX modules in float32: the tokens of
+    ``load(..., backend="mlx", dtype="float32")``."""
+    want = mlx_voxtral.transcribe(mlx_voxtral.load(tiny_checkpoint, backend="mlx", dtype="float32"), speech_5s)
+    r = cli("transcribe", str(speech_5s), "--model", str(tiny_checkpoint), "--backend", "mlx", "--dtype", "float32",
+            "--quiet", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == want.text
+    r = cli("transcribe", str(speech_5s), "--model", str(tiny_checkpoint), "--quiet", env={"MLX_VOXTRAL_BACKEND": "mlx"})
+    assert r.returncode == 0 and r.stdout == mlx_voxtral.transcribe(
+        mlx_voxtral.load(tiny_checkpoint, backend="mlx"), speech_5s).text + "\n"
 
 
 def test_one_bad_file_does_not_stop_the_others(tiny_checkpoint, speech_5s, tmp_path, expected):

@@ -1,4 +1,5 @@
-"""Numerical parity with Hugging Face transformers' voxtral_realtime (float32, same weights)."""
+"""Numerical parity with Hugging Face transformers' voxtral_realtime (float32, same weights),
+on both backends; other precisions tie-aware against the float32 reference."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 
 import mlx_voxtral
 from mlx_voxtral.audio import load_audio, log_mel_spectrogram
-from mlx_voxtral.stream import Stream
+from mlx_voxtral.stream import StreamState
 
-from conftest import rel_err
+from conftest import TIE_MARGIN, rel_err, tie_aware
 
 
 def _our_mel(model, audio, delay_ms=None):
@@ -35,10 +36,11 @@ def test_log_mel_of_digital_silence_is_constant():
     assert np.all(mel == np.float32(-0.625))
 
 
-def test_streaming_mel_matches_offline(model_fp32, speech_5s):
+def test_streaming_mel_equals_offline(model_fp32, speech_5s):
+    """Pushed in random pieces, the stream's frames are exactly the offline frames."""
     audio = load_audio(speech_5s)
     offline = np.array(_our_mel(model_fp32, audio))
-    stream = Stream(model_fp32)
+    stream = StreamState(model_fp32)
     rng = np.random.default_rng(0)
     i = 0
     while i < len(audio):
@@ -48,15 +50,32 @@ def test_streaming_mel_matches_offline(model_fp32, speech_5s):
     stream.finish()
     frames = []
     while (mel := stream.take_mel(7)) is not None:
-        frames.append(np.array(mel))
-    np.testing.assert_allclose(np.concatenate(frames), offline, atol=1e-5, rtol=0)
+        frames.append(mel)
+    assert np.array_equal(np.concatenate(frames), offline)
+
+
+def encode(model, mel: mx.array, tokens_per_pass: int):
+    """Encoder and adapter outputs of one stream's whole mel, in passes of
+    ``tokens_per_pass`` tokens (the way the driver feeds the encoder)."""
+    cache = model.make_cache(model.tokenizer.max_prompt_length)
+    cache.add_row()
+    step = tokens_per_pass * model.mel_frames_per_token
+    states, embeds = [], []
+    for start in range(0, mel.shape[0], step):
+        chunk = mel[None, start : start + step].astype(model.dtype)
+        cache.encoder.prepare(slice(0, 1), [chunk.shape[1]], chunk.shape[1])
+        x = model.encoder(chunk, cache.encoder)
+        cache.encoder.finalize()
+        states.append(x[0])
+        embeds.append(model.adapter(x)[0])
+    return mx.concatenate(states), mx.concatenate(embeds)
 
 
 @torch.no_grad()
-def test_encoder_adapter_and_logits_match_transformers(reference, model_fp32, speech_40s):
+def test_encoder_adapter_and_logits_match_transformers(reference, fp32, speech_40s):
     """Encoder and adapter outputs on 40 s (beyond the 750-frame window) and the logits of
     the prompt plus 60 teacher-forced steps, each within 1e-3 relative error."""
-    model = model_fp32
+    model = fp32
     audio = load_audio(speech_40s)
     inputs = reference.inputs(audio)
     hf = reference.model.model
@@ -65,44 +84,51 @@ def test_encoder_adapter_and_logits_match_transformers(reference, model_fp32, sp
     assert ref_enc.shape[0] > 2 * model.args.encoder.sliding_window
 
     mel = _our_mel(model, audio)
-    conv_caches, enc_caches = model.encoder.make_cache()
-    frames = model.encoder.conv_stem(mel[None], conv_caches)
-    enc = model.encoder(frames, [enc_caches], [frames.shape[1]])
-    adapter = model.adapter(enc)
-    assert rel_err(enc[0], ref_enc) <= 1e-3
-    assert rel_err(adapter[0], ref_adapter) <= 1e-3
-
-    # The same through the streaming machinery, in 1 s blocks of whole tokens.
-    stream = Stream(model)
-    stream.push(audio)
-    stream.finish()
-    blocks = []
-    while (m := stream.take_mel(12)) is not None:
-        blocks += model.embed_audio([m], [stream.conv_caches], [stream.encoder_caches])
-    assert rel_err(mx.concatenate(blocks), ref_adapter) <= 1e-3
+    enc, embeds = encode(model, mel, model.encode_tokens)
+    assert rel_err(enc, ref_enc) <= 1e-3
+    assert rel_err(embeds, ref_adapter) <= 1e-3
+    # token by token, as live audio arrives: the same embeddings
+    _, live = encode(model, mel, 1)
+    assert rel_err(live, ref_adapter) <= 1e-3
 
     # Teacher-forced logits: the prompt, then 60 steps fed with the reference's tokens.
     forced = reference.generate(audio)[:60]
     prompt = inputs["input_ids"][0].tolist()
     ids = torch.tensor([prompt + forced])
-    n = ids.shape[1]
     conv = hf.audio_tower.embedder(inputs["input_features"])
     ref_logits = reference.model(
         input_ids=ids,
-        encoder_inputs_embeds=conv[:, : 4 * n],
+        encoder_inputs_embeds=conv[:, : 4 * ids.shape[1]],
         num_delay_tokens=inputs["num_delay_tokens"],
     ).logits[0, len(prompt) - 1 :].numpy()
 
-    embeds = mx.concatenate(blocks)
-    caches = model.decoder.make_cache()
+    cache = model.make_cache(model.tokenizer.max_prompt_length)
+    cache.add_row()
     d = model.tokenizer.num_delay_tokens()
-    ours = [model([embeds[: len(prompt)]], [mx.array(prompt)], [caches], [d])[0]]
-    for p, token in enumerate(forced, start=len(prompt)):
-        ours.append(model([embeds[p : p + 1]], [mx.array([token])], [caches], [d])[0])
+    rows = slice(0, 1)
+    n = len(prompt)
+    ours = [model(embeds[None, :n], mx.array([prompt]), cache, rows, [n], [d])[0]]
+    for p, token in enumerate(forced, start=n):
+        ours.append(model(embeds[None, p : p + 1], mx.array([[token]]), cache, rows, [1], [d])[0])
     ours = np.stack([np.array(o) for o in ours])
     assert ours.shape == ref_logits.shape == (61, model.args.vocab_size)
     assert rel_err(ours, ref_logits) <= 1e-3
     assert (ours.argmax(-1) == ref_logits.argmax(-1)).all()
+
+
+def test_chunking_does_not_change_the_encoder(backend, half, speech_5s):
+    """The MLX backend's encoder gives bit-identical embeddings whatever the passes' sizes
+    (each position's keys sit in one ring slot, the other slots masked); the CPU backend's
+    kernels sum a few rows and many rows differently (then the bf16 key cache rounds the
+    differences up to a bf16 step now and then)."""
+    mel = _our_mel(half, load_audio(speech_5s))
+    _, whole = encode(half, mel, half.encode_tokens)
+    for tokens in (1, 3, 17):
+        _, parts = encode(half, mel, tokens)
+        if backend == "mlx":
+            assert mx.array_equal(parts, whole).item(), tokens
+        else:
+            assert rel_err(parts, whole) <= 1e-4, tokens
 
 
 def _check_greedy_ids(model, reference, path, delay_ms=None):
@@ -120,27 +146,33 @@ def _check_greedy_ids(model, reference, path, delay_ms=None):
 
 
 @pytest.mark.parametrize("name", ["speech_5s", "speech_40s", "silence_2s", "speech_stereo_44k"])
-def test_greedy_ids_match_transformers(name, request, model_fp32, reference):
+def test_greedy_ids_match_transformers(name, request, fp32, reference):
     path = request.getfixturevalue(name)
-    result = _check_greedy_ids(model_fp32, reference, path)
+    result = _check_greedy_ids(fp32, reference, path)
     assert result.finish_reason == "end_of_audio"
-    assert result.text == model_fp32.tokenizer.decode(result.token_ids).strip()
+    assert result.text == fp32.tokenizer.decode(result.token_ids).strip()
 
 
-def test_non_default_delay_matches_transformers(model_fp32, reference, speech_5s):
-    result = _check_greedy_ids(model_fp32, reference, speech_5s, delay_ms=960)
+def test_non_default_delay_matches_transformers(fp32, reference, speech_5s):
+    result = _check_greedy_ids(fp32, reference, speech_5s, delay_ms=960)
     assert result.prompt_tokens == 1 + 32 + 12
-    default = mlx_voxtral.transcribe(model_fp32, speech_5s)
+    default = mlx_voxtral.transcribe(fp32, speech_5s)
     assert result.token_ids != default.token_ids
 
 
-def test_bfloat16_agreement(tiny_checkpoint, model_fp32, speech_40s, capsys):
-    """bf16 cannot be token-exact with fp32; report how often it agrees."""
-    model = mlx_voxtral.load(tiny_checkpoint, dtype=mx.bfloat16)
-    fp32 = mlx_voxtral.transcribe(model_fp32, speech_40s).token_ids
-    bf16 = mlx_voxtral.transcribe(model, speech_40s).token_ids
-    n = min(len(fp32), len(bf16))
-    agree = sum(a == b for a, b in zip(fp32[:n], bf16[:n])) / max(len(fp32), 1)
+@pytest.fixture(scope="module")
+def reference_40s(reference, speech_40s):
+    return reference.generate_with_margins(load_audio(speech_40s))
+
+
+def test_half_precision_agrees_tie_aware(backend, half, reference_40s, speech_40s, capsys):
+    """bf16 cannot be token-exact with float32: up to the first near-tie of the reference
+    (top-2 margin below TIE_MARGIN["bf16"]) it must agree; the agreement is printed."""
+    ref_ids, margins = reference_40s
+    ids = mlx_voxtral.transcribe(half, speech_40s).token_ids
+    n, horizon = tie_aware(ids, ref_ids, margins, TIE_MARGIN["bf16"])
+    same = sum(a == b for a, b in zip(ids, ref_ids)) / len(ref_ids)
     with capsys.disabled():
-        print(f"\nbf16 vs fp32 greedy-token agreement on 40 s of speech: {agree:.1%} ({n} tokens)")
-    assert agree > 0.5
+        print(f"\n[{backend}] bf16 vs float32 reference, 40 s: first {n} of {len(ref_ids)} tokens equal "
+              f"(near-tie horizon {horizon}), {same:.1%} of positions")
+    assert n >= horizon

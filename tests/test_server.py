@@ -32,8 +32,9 @@ import soundfile as sf  # noqa: E402
 import mlx_voxtral  # noqa: E402
 from mlx_voxtral.audio import load_audio  # noqa: E402
 from mlx_voxtral.audio_url import SourcePolicy  # noqa: E402
-from mlx_voxtral.engine import Engine, Failed, Finished  # noqa: E402
-from mlx_voxtral.server import create_app  # noqa: E402
+from mlx_voxtral.results import Failed, Finished  # noqa: E402
+from mlx_voxtral.server.app import create_app  # noqa: E402
+from mlx_voxtral.server.engine import Engine  # noqa: E402
 from mlx_voxtral.writers import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -633,8 +634,31 @@ def test_disconnect_frees_the_slot(small_server, clips, refs):
 # entry point --------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["BAD", "{tmp}"])
 def test_bad_model_exits_with_one_line(model, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mlx_voxtral.serve", "--model", model.format(tmp=tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "mlx_voxtral.server", "--model", model.format(tmp=tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_smoke_on_both_backends(fp32, backend, clips):
+    """The server over each backend: concurrent chat requests and a live session answer what
+    offline ``transcribe`` gives on that backend."""
+    names = ["speech_1.0s", "speech_2.0s", "silence_2s"]
+    offline = {n: mlx_voxtral.transcribe(fp32, clips[n]) for n in names}
+    pcm16 = np.round(np.clip(load_audio(clips["speech_1.5s"]), -1, 1) * 32767).astype(np.int16)
+    live = mlx_voxtral.transcribe(fp32, pcm16.astype(np.float32) / 32768.0)
+    served = Served(create_app(fp32, model_name=f"smoke-{backend}", max_concurrency=4))
+    try:
+        async def chats():
+            async with httpx.AsyncClient(base_url=served.url, timeout=120) as client:
+                answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat_body(data_url(clips[n])))
+                                                 for n in names))
+                return [a.json()["choices"][0]["message"]["content"] for a in answers]
+
+        assert asyncio.run(chats()) == [offline[n].text for n in names]
+        deltas, done, _ = asyncio.run(realtime(served.url.replace("http", "ws") + "/v1/realtime", pcm16))
+        assert "".join(deltas) == done["text"] == live.text
+        assert done["usage"]["completion_tokens"] == len(live.token_ids)
+    finally:
+        served.close()

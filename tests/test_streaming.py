@@ -1,4 +1,5 @@
-"""Live streaming: exact to offline, events, restarts (EOS, position limit), timestamps."""
+"""Live streaming on both backends: equal to offline, events, restarts (EOS, position limit),
+batching, flat memory; the caches under it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 
 import mlx_voxtral
 from mlx_voxtral.audio import load_audio
-from mlx_voxtral.generate import Done, StreamReset, TextDelta, async_stream_transcribe, stream_transcribe
-from mlx_voxtral.timestamps import Word
+from mlx_voxtral.generate import Batch, async_stream_transcribe, stream_transcribe
+from mlx_voxtral.results import Done, StreamReset, TextDelta, Word
+from mlx_voxtral.session import Session
 
 from conftest import make_checkpoint
 
@@ -42,15 +44,15 @@ def _collect(events):
 
 
 @pytest.fixture(scope="module")
-def offline_40s(model_fp32, speech_40s):
-    return mlx_voxtral.transcribe(model_fp32, speech_40s)
+def offline_40s(fp32, speech_40s):
+    return mlx_voxtral.transcribe(fp32, speech_40s)
 
 
 @pytest.mark.parametrize("chunking", ["80ms", "1s", "random"])
-def test_streamed_ids_equal_offline(chunking, model_fp32, speech_40s, offline_40s):
+def test_streamed_ids_equal_offline(chunking, fp32, speech_40s, offline_40s):
     audio = load_audio(speech_40s)
     sizes = {"80ms": iter(lambda: 1280, None), "1s": iter(lambda: 16000, None), "random": _random_sizes(0)}
-    events, result = _collect(stream_transcribe(model_fp32, _chunks(audio, sizes[chunking])))
+    events, result = _collect(stream_transcribe(fp32, _chunks(audio, sizes[chunking])))
     assert result.token_ids == offline_40s.token_ids
     assert result.text == offline_40s.text
     assert result.words == offline_40s.words
@@ -76,10 +78,10 @@ def test_async_stream_equals_offline(model_fp32, speech_5s):
     assert events[-1].result.token_ids == offline.token_ids
 
 
-def test_streamed_non_default_delay_equals_offline(model_fp32, speech_5s):
+def test_streamed_non_default_delay_equals_offline(fp32, speech_5s):
     audio = load_audio(speech_5s)
-    offline = mlx_voxtral.transcribe(model_fp32, audio, delay_ms=960)
-    _, result = _collect(stream_transcribe(model_fp32, _chunks(audio, iter(lambda: 4000, None)), delay_ms=960))
+    offline = mlx_voxtral.transcribe(fp32, audio, delay_ms=960)
+    _, result = _collect(stream_transcribe(fp32, _chunks(audio, iter(lambda: 4000, None)), delay_ms=960))
     assert result.token_ids == offline.token_ids and result.delay_ms == 960
 
 
@@ -112,7 +114,7 @@ def test_bad_stream_input(model_fp32):
 
 
 @pytest.fixture(scope="module")
-def eos_model(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
+def eos_checkpoint(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
     """A checkpoint whose EOS embedding points where a token emitted mid-speech points,
     so the model emits EOS in the middle of the audio."""
     baseline = mlx_voxtral.transcribe(model_fp32, speech_5s).token_ids
@@ -124,7 +126,12 @@ def eos_model(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
     emb[2] = emb[baseline[len(baseline) // 3]] * 1.05
     weights[name] = emb
     mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
-    return mlx_voxtral.load(path, dtype=mx.float32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eos_model(eos_checkpoint, backend):
+    return mlx_voxtral.load(eos_checkpoint, dtype=mx.float32, backend=backend)
 
 
 def test_eos_mid_audio_restarts_on_the_uncovered_audio(eos_model, speech_5s):
@@ -157,8 +164,6 @@ def test_eos_rule(model_fp32):
     """EOS ends the session only once the audio has ended and the decoder was fed its last
     real audio position; otherwise the decoder restarts on the audio the text had not
     covered (its position minus the delay and the left pad)."""
-    from mlx_voxtral.session import Session
-
     audio = np.random.default_rng(0).uniform(-0.1, 0.1, 3 * 16000).astype(np.float32)
     last = 32 + -(-len(audio) // 1280) - 1  # decoder position of the last real audio
 
@@ -182,11 +187,15 @@ def test_eos_rule(model_fp32):
     assert ended.on_token(2, last) == [] and ended.finish_reason == "stop" and ended.resets == 0
 
 
-def test_position_limit_rolls_over(tmp_path_factory, speech_40s):
+@pytest.fixture(scope="module")
+def limit_checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("limit") / "ckpt", "--max-length", "200")
+
+
+def test_position_limit_rolls_over(limit_checkpoint, backend, speech_40s):
     """A stream never passes model_max_length: the session restarts on the uncovered
     audio and goes on to the end."""
-    path = make_checkpoint(tmp_path_factory.mktemp("limit") / "ckpt", "--max-length", "200")
-    model = mlx_voxtral.load(path, dtype=mx.float32)
+    model = mlx_voxtral.load(limit_checkpoint, dtype=mx.float32, backend=backend)
     audio = load_audio(speech_40s)
     result = mlx_voxtral.transcribe(model, audio)
     assert result.resets >= 2 and result.finish_reason == "end_of_audio"
@@ -206,21 +215,21 @@ import numpy as np
 import mlx.core as mx
 import mlx_voxtral
 from mlx_voxtral.audio import load_audio
-from mlx_voxtral.generate import Done, stream_transcribe
+from mlx_voxtral.generate import stream_transcribe
+from mlx_voxtral.results import Done
 
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-model = mlx_voxtral.load(sys.argv[1], dtype=mx.float32)
+model = mlx_voxtral.load(sys.argv[1], dtype=mx.float32, backend=sys.argv[4])
 speech = load_audio(sys.argv[2])
-seconds = int(sys.argv[3])
-marks = {}
+seconds, marks, mark = int(sys.argv[3]), {}, int(sys.argv[5])
 
 def chunks():
     rng = np.random.default_rng(0)
     for s in range(seconds):
-        if s in (600, seconds - 1):
+        if s in (mark, seconds - 1):
             marks[s] = rss()
         start = (s * 16000) % (len(speech) - 16000)
         yield speech[start : start + 16000] + 0.01 * rng.standard_normal(16000).astype(np.float32)
@@ -228,127 +237,180 @@ def chunks():
 for event in stream_transcribe(model, chunks()):
     pass
 assert isinstance(event, Done)
-print(marks[600], marks[seconds - 1], len(event.result.token_ids), event.result.resets)
+print(marks[mark], marks[seconds - 1], len(event.result.token_ids), event.result.resets)
 """
 
 
-def test_one_hour_stream_has_flat_memory(tmp_path_factory, speech_40s):
-    """An hour of audio streamed in 1 s chunks: resident memory at 10 and 60 minutes
-    differs by less than 5 %. (A small-vocabulary tiny checkpoint keeps this fast.)"""
+@pytest.mark.parametrize("backend_name, seconds, window, mark", [("cpu", 1800, None, 720), ("mlx", 420, 512, 120)])
+def test_long_stream_has_flat_memory(tmp_path_factory, speech_40s, backend_name, seconds, window, mark):
+    """Streamed in 1 s chunks, resident memory stops growing once the caches hold their
+    windows: on the CPU backend half an hour through the full 8192-position decoder window
+    (12 and 30 minutes differ by < 5 %), on the MLX backend 7 minutes through a 512-position
+    window (2 and 7 minutes). A small-vocabulary tiny checkpoint keeps this fast."""
     import subprocess
     import sys
 
-    path = make_checkpoint(tmp_path_factory.mktemp("micro") / "ckpt", "--vocab-size", "2048")
+    from mlx_voxtral import cpu
+
+    if backend_name == "cpu" and not cpu.available():
+        pytest.skip("no CPU backend here")
+    extra = ["--decoder-window", str(window)] if window else []
+    path = make_checkpoint(tmp_path_factory.mktemp("micro") / "ckpt", "--vocab-size", "2048", *extra)
     out = subprocess.run(
-        [sys.executable, "-c", LONG_SESSION, str(path), str(speech_40s), "3600"],
+        [sys.executable, "-c", LONG_SESSION, str(path), str(speech_40s), str(seconds), backend_name, str(mark)],
         capture_output=True, text=True, check=True,
     )
-    at_10, at_60, n_tokens, _ = map(int, out.stdout.split())
-    assert n_tokens > 3600 * 12  # 12.5 tokens per second of audio
-    assert abs(at_60 - at_10) / at_10 < 0.05, (at_10, at_60)
+    at_mark, at_end, n_tokens, _ = map(int, out.stdout.split())
+    assert n_tokens > seconds * 12  # 12.5 tokens per second of audio
+    assert abs(at_end - at_mark) / at_mark < 0.05, (at_mark, at_end)
 
 
-def test_batched_sessions_equal_single_runs(model_fp32, speech_5s, speech_40s):
-    """Sessions decoded together (one forward pass per step, different delays, lengths and
-    arrival times) give exactly their single-run tokens."""
-    from mlx_voxtral.generate import batch_step
-    from mlx_voxtral.session import Session
-
-    audios = [load_audio(speech_5s), load_audio(speech_40s)[: 16000 * 12], load_audio(speech_5s)[:30000]]
-    delays = [480, 480, 960]
-    singles = [mlx_voxtral.transcribe(model_fp32, a, delay_ms=d) for a, d in zip(audios, delays)]
-    sessions = [Session(model_fp32, delay_ms=d) for d in delays]
+def _run_batched(model, audios, delays, push_every=3):
+    """Sessions decoded together in one ``Batch``, audio arriving in 0.5 s chunks while they
+    decode; returns the sessions once all are done."""
+    sessions = [Session(model, delay_ms=d) for d in delays]
+    batch = Batch(model)
+    for s in sessions:
+        batch.add(s)
     chunks = [_chunks(a, iter(lambda: 8000, None)) for a in audios]
     steps = 0
     while not all(s.done for s in sessions):
         for s, c in zip(sessions, chunks):
-            if steps % 3 == 0 and not s.finished:  # audio keeps arriving while decoding
+            if steps % push_every == 0 and not s.finished:  # audio keeps arriving while decoding
                 s.push(c.pop(0)) if c else s.finish()
-        batch_step(model_fp32, sessions)
+        batch.step()
         steps += 1
-    for s, r in zip(sessions, singles):
+    return sessions
+
+
+def test_a_stream_does_not_depend_on_its_batch(fp32, speech_5s, speech_40s):
+    """Eight sessions with mixed delays, lengths and arrival times, decoded together (one
+    encoder pass and one decoder pass per step), give exactly the tokens each gives alone."""
+    five, forty = load_audio(speech_5s), load_audio(speech_40s)
+    audios = [five, forty[: 16000 * 12], five[:30000], forty[16000 * 3 : 16000 * 10], five[8000:],
+              forty[-16000 * 6 :], five[:20000], forty[16000 * 20 : 16000 * 24]]
+    delays = [480, 480, 960, 80, 2400, 480, 160, 960]
+    singles = [mlx_voxtral.transcribe(fp32, a, delay_ms=d) for a, d in zip(audios, delays)]
+    for s, r in zip(_run_batched(fp32, audios, delays), singles):
         assert s.token_ids == r.token_ids and s.finish_reason == r.finish_reason
 
 
-def test_bf16_model_streams_exactly_over_its_bf16_cache(tiny_checkpoint, speech_40s, monkeypatch):
-    """The default CPU model (bf16 weights, float32 activations) keeps the encoder's and
-    the decoder's keys and values in bfloat16; a decode step reads them in place (native
-    kernel on Linux), and streaming still gives offline's tokens exactly."""
-    from mlx_voxtral import cpu, native
-
-    model = mlx_voxtral.load(tiny_checkpoint)
-    assert model.decoder.cache_dtype == model.encoder.cache_dtype == mx.bfloat16
-    caches = model.decoder.make_cache() + model.encoder.make_cache()[1]
-    assert all(c.dtype == mx.bfloat16 for c in caches)
-    calls = []
-    if cpu.cpu_kernels_wanted():
-        real = native.attention_one
-        monkeypatch.setattr(native, "attention_one", lambda *a: calls.append(1) or real(*a))
-    offline = mlx_voxtral.transcribe(model, speech_40s)
-    assert len(offline.token_ids) > 100
-    assert not cpu.cpu_kernels_wanted() or len(calls) >= len(offline.token_ids)
-    audio = load_audio(speech_40s)
-    events, result = _collect(stream_transcribe(model, _chunks(audio, _random_sizes(7))))
-    assert result.token_ids == offline.token_ids
-    fp32 = mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32)
-    assert fp32.decoder.cache_dtype is None and fp32.encoder.cache_dtype is None
-
-
-def test_kv_cache_keeps_only_its_window():
-    """A block longer than the window leaves the cache holding a copy of the window, not a
-    view that keeps the whole block's keys alive (the encoder's 30 s blocks are 1500 keys
-    for a 750-key window)."""
-    from mlx_voxtral.cache import KVCache
-
-    cache = KVCache(window=100)
-    keys = mx.random.normal((1, 8, 1000, 64))
-    values = mx.random.normal((1, 8, 1000, 64))
-    all_k, all_v, mask = cache.update_and_fetch(keys, values)
-    mx.eval(all_k, all_v)
-    assert mask.shape == (1000, 1000) and all_k.shape[2] == 1000
-    assert np.array_equal(np.array(cache.keys), np.array(keys[:, :, -100:]))
-    block = keys.nbytes + values.nbytes + all_k.nbytes + all_v.nbytes
-    before = mx.get_active_memory()
-    del keys, values, all_k, all_v
-    assert before - mx.get_active_memory() >= 0.9 * block  # the block is freed, the window stays
-    assert cache.nbytes == 2 * 8 * 100 * 64 * 4
-    k, _, mask = cache.update_and_fetch(mx.zeros((1, 8, 3, 64)), mx.zeros((1, 8, 3, 64)))
-    assert k.shape[2] == 102 and mask.shape == (3, 102)  # 99 kept keys + 3 new, banded
+def test_sessions_join_and_leave_a_running_batch(fp32, speech_5s, speech_40s):
+    """Rows come and go (the last row moves into a freed one): the others are unaffected."""
+    five, forty = load_audio(speech_5s), load_audio(speech_40s)[: 16000 * 15]
+    alone = {n: mlx_voxtral.transcribe(fp32, a).token_ids for n, a in [("five", five), ("forty", forty)]}
+    batch = Batch(fp32)
+    long = Session(fp32)
+    long.push(forty)
+    long.finish()
+    batch.add(long)
+    shorts = []
+    while not long.done:
+        batch.step()
+        if batch.steps % 40 == 1 and len(shorts) < 4:  # a new short request every 40 steps
+            s = Session(fp32)
+            s.push(five)
+            s.finish()
+            batch.add(s)
+            shorts.append(s)
+        for s in [s for s in shorts if s.done and s in batch.sessions]:
+            batch.remove(s)
+    assert long.token_ids == alone["forty"]
+    assert len(shorts) == 4 and all(s.token_ids == alone["five"] for s in shorts if s.done)
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, None])
-def test_host_kv_cache_matches_kv_cache(dtype):
-    """The CPU layers' numpy cache against the MLX one over prompts, decode steps past the
-    ring's wrap and a block longer than the window: the same keys in the same slots,
-    rounded alike, and the same keys for many queries to attend to."""
-    from mlx_voxtral.cache import HostKVCache, KVCache
+def test_mlx_caches_never_evaluate(tiny_checkpoint, speech_5s, monkeypatch):
+    """The MLX backend's streaming path makes one host read per step (the token read): no
+    ``mx.eval`` anywhere in the caches, masks or model, whatever the chunk."""
+    model = mlx_voxtral.load(tiny_checkpoint, backend="mlx")
+    audio = load_audio(speech_5s)
+    session = Session(model)
+    batch = Batch(model)
+    batch.add(session)
+    evals = []
+    real = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: evals.append(1) or real(*a))
+    chunks = 0
+    for chunk in _chunks(audio, iter(lambda: 1280, None)):
+        session.push(chunk)
+        batch.drain()
+        chunks += 1
+    session.finish()
+    batch.drain()
+    assert session.done and len(session.token_ids) > 50
+    assert evals == []
+    assert batch.host_reads <= chunks + 30  # one read per chunk, the tail after the audio
+
+
+def test_ring_cache_masks_and_slots():
+    """The MLX ring cache: position p of a row lives in slot p % capacity; a query sees the
+    window's positions and nothing else (padding and stale slots masked); growing the ring
+    keeps every slot; rows at different positions share one pass."""
+    from mlx_voxtral.cache import LayerCaches
+
+    window, chunk = 10, 4
+    cache = LayerCaches(1, window, chunk)
+    for _ in range(3):
+        cache.add_row()
+    layer = cache[0]
+    positions = [[], [], []]  # what each row wrote, by slot
+    rng = np.random.default_rng(0)
+    for step in range(40):
+        lengths = [int(n) for n in rng.integers(0, chunk + 1, 3)]
+        L = max(max(lengths), 1)
+        offsets = list(cache.rows.offsets)
+        cache.prepare(slice(0, 3), lengths, L)
+        k = mx.broadcast_to((mx.array(offsets)[:, None] + mx.arange(L)[None]).astype(mx.float32)[:, None, :, None],
+                            (3, 1, L, 2))
+        keys, _ = layer.update_and_fetch(k, k)
+        mask = np.array(cache.mask)[:, 0]  # [rows, L, capacity]
+        keys = np.array(keys)[:, 0, :, 0]  # the position each slot holds
+        cap = cache.rows.capacity
+        assert cap <= window + chunk - 1
+        for r in range(3):
+            for i in range(lengths[r]):
+                q = offsets[r] + i
+                seen = set(keys[r][mask[r, i]].astype(int))
+                assert seen == set(range(max(0, q - window + 1), q + 1)), (step, r, q)
+                assert keys[r][q % cap] == q
+        cache.finalize()
+        assert cache.rows.offsets == [o + n for o, n in zip(offsets, lengths)]
+    cache.remove_row(0)  # row 2 moves to 0
+    assert cache.n_rows == 2 and layer.keys.shape[0] >= 2
+
+
+def test_host_kv_cache_keeps_its_window():
+    """The CPU backend's numpy cache: a decode step writes in place into a ring, a chunk
+    attends to the last window - 1 cached positions and itself; keys round to bf16."""
+    from mlx_voxtral.cpu.cache import HostKVCache, from_bf16, to_bf16
 
     rng = np.random.default_rng(5)
-    host, ref = HostKVCache(window=300, dtype=dtype), KVCache(window=300, dtype=dtype)
-    as_f32 = lambda t: np.array(t.astype(mx.float32))[0]  # noqa: E731
-    for n in [7, 1, 1, 40, *[1] * 290, 5, *[1] * 20, 400, 1, 2]:
-        k, v = (rng.standard_normal((4, n, 16)).astype(np.float32) for _ in range(2))
-        if n == 1:
-            host.append(k[:, 0], v[:, 0])
-            ref.update_and_fetch(mx.array(k)[None], mx.array(v)[None])
-            m = len(ref)
-            got = [host._load(t[:, :m]) for t in (host.keys, host.values)]
-            want = [as_f32(t[:, :, :m]) for t in (ref.keys, ref.values)]
-        else:
-            got = list(host.extend(k, v))
-            want = [as_f32(t) for t in ref.update_and_fetch(mx.array(k)[None], mx.array(v)[None])[:2]]
-        assert host.offset == ref.offset and len(host) == len(ref)
-        for g, w in zip(got, want):
-            assert np.array_equal(g, w)
-    assert host.nbytes == 2 * host.keys.nbytes and host.keys.shape[1] == 300  # window of a copy
+    for bf16 in (True, False):
+        cache = HostKVCache(window=300, bf16=bf16)
+        history = np.zeros((4, 0, 16), np.float32)
+        for n in [7, 1, 1, 40, *[1] * 290, 5, *[1] * 20, 400, 1, 2]:
+            k = rng.standard_normal((4, n, 16)).astype(np.float32)
+            stored = from_bf16(to_bf16(k)) if bf16 else k
+            if n == 1:
+                cache.append(k[:, 0], k[:, 0])
+                history = np.concatenate([history, stored], axis=1)[:, -300:]
+                m = len(cache)
+                ring = cache.load(cache.keys[:, :m])
+                assert sorted(map(tuple, ring[0])) == sorted(map(tuple, history[0]))
+            else:
+                got, _ = cache.extend(k, k)
+                want = np.concatenate([history[:, -299:], stored], axis=1)
+                assert np.array_equal(got, want)
+                history = want[:, -300:]
+        assert cache.keys.shape[1] == 300
 
 
 def test_bf16_rounding_matches_mlx():
     """float32 -> bfloat16 in numpy (the host caches) rounds as MLX does, ties to even."""
-    from mlx_voxtral.cache import _from_bf16, _to_bf16
+    from mlx_voxtral.cpu.cache import from_bf16, to_bf16
 
     x = np.random.default_rng(6).standard_normal(100000).astype(np.float32) * 10
     ties = (np.arange(1, 2000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # halfway cases
     x = np.concatenate([x, ties, -ties, np.float32([0, -0.0, 1e-40, 3e38, np.inf, -np.inf])])
     ref = np.array(mx.array(x).astype(mx.bfloat16).astype(mx.float32))
-    assert np.array_equal(_from_bf16(_to_bf16(x)), ref)
+    assert np.array_equal(from_bf16(to_bf16(x)), ref)

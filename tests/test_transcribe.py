@@ -1,4 +1,4 @@
-"""The offline ``transcribe`` API: inputs, results, sampling, stopping, typed errors."""
+"""The offline ``transcribe`` API on both backends: inputs, results, sampling, stopping, typed errors."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from mlx_voxtral.audio import load_audio
 
 
 @pytest.fixture(scope="module")
-def baseline(model_fp32, speech_5s):
-    return mlx_voxtral.transcribe(model_fp32, speech_5s)
+def baseline(fp32, speech_5s):
+    return mlx_voxtral.transcribe(fp32, speech_5s)
 
 
-def test_result_fields(baseline, model_fp32, speech_5s):
+def test_result_fields(baseline, fp32, speech_5s):
     r = baseline
-    assert r.text and r.text == model_fp32.tokenizer.decode(r.token_ids).strip()
+    assert r.text and r.text == fp32.tokenizer.decode(r.token_ids).strip()
     assert r.audio_duration == pytest.approx(len(load_audio(speech_5s)) / 16000)
     assert r.delay_ms == 480 and r.prompt_tokens == 39
     assert r.finish_reason == "end_of_audio"
@@ -29,34 +29,45 @@ def test_result_fields(baseline, model_fp32, speech_5s):
     assert len(r.token_ids) == n_positions - 39 + 1
     t = r.timings
     assert t.encode > 0 and t.prefill > 0 and t.decode > 0 and t.total > 0
-    assert r.real_time_factor > 0 and r.decode_tokens_per_sec > 0
+    assert r.rtfx > 0 and r.rtf == pytest.approx(1 / r.rtfx) and r.decode_tokens_per_sec > 0
+    with pytest.warns(DeprecationWarning, match="rtfx"):
+        assert r.real_time_factor == r.rtfx
 
 
-def test_every_input_kind_gives_the_same_ids(baseline, model_fp32, speech_5s):
+def test_every_input_kind_gives_the_same_ids(baseline, fp32, speech_5s):
     data = speech_5s.read_bytes()
     for source in (str(speech_5s), f"file://{speech_5s}", data, io.BytesIO(data), load_audio(speech_5s)):
-        assert mlx_voxtral.transcribe(model_fp32, source).token_ids == baseline.token_ids
+        assert mlx_voxtral.transcribe(fp32, source).token_ids == baseline.token_ids
 
 
-def test_max_tokens_caps_text_tokens(baseline, model_fp32, speech_5s):
-    r = mlx_voxtral.transcribe(model_fp32, speech_5s, max_tokens=3)
+def test_max_tokens_caps_text_tokens(baseline, fp32, speech_5s):
+    r = mlx_voxtral.transcribe(fp32, speech_5s, max_tokens=3)
     assert r.finish_reason == "length"
-    assert sum(model_fp32.tokenizer.is_text(i) for i in r.token_ids) == 3
+    assert sum(fp32.tokenizer.is_text(i) for i in r.token_ids) == 3
     assert r.token_ids == baseline.token_ids[: len(r.token_ids)]
 
 
-def test_sampling_is_seeded(model_fp32, speech_5s, baseline):
-    a = mlx_voxtral.transcribe(model_fp32, speech_5s, temperature=0.8, seed=1)
-    b = mlx_voxtral.transcribe(model_fp32, speech_5s, temperature=0.8, seed=1)
-    c = mlx_voxtral.transcribe(model_fp32, speech_5s, temperature=0.8, seed=2)
+def test_sampling_is_seeded(fp32, speech_5s, baseline):
+    a = mlx_voxtral.transcribe(fp32, speech_5s, temperature=0.8, seed=1)
+    b = mlx_voxtral.transcribe(fp32, speech_5s, temperature=0.8, seed=1)
+    c = mlx_voxtral.transcribe(fp32, speech_5s, temperature=0.8, seed=2)
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
     assert a.token_ids != baseline.token_ids
 
 
-def test_progress_callback(model_fp32, speech_40s):
+def test_sampling_options_filter_the_draw(fp32, speech_5s, baseline):
+    """mlx-lm's sampling chain: top_k=1 (or a tiny top_p) leaves only the argmax to draw."""
+    for options in ({"top_k": 1}, {"top_p": 1e-9}, {"min_p": 1.0}):
+        r = mlx_voxtral.transcribe(fp32, speech_5s, temperature=1.0, seed=3, **options)
+        assert r.token_ids == baseline.token_ids, options
+    loose = mlx_voxtral.transcribe(fp32, speech_5s, temperature=1.0, seed=3, top_k=50, top_p=0.9, min_p=0.01)
+    assert loose.token_ids != baseline.token_ids
+
+
+def test_progress_callback(fp32, speech_40s):
     seen = []
-    mlx_voxtral.transcribe(model_fp32, speech_40s, progress=lambda done, total: seen.append((done, total)))
+    mlx_voxtral.transcribe(fp32, speech_40s, progress=lambda done, total: seen.append((done, total)))
     assert len(seen) >= 2
     assert all(b[0] >= a[0] for a, b in zip(seen, seen[1:]))
     assert seen[-1][0] == pytest.approx(seen[-1][1], rel=1e-3)
@@ -70,14 +81,17 @@ def test_progress_callback(model_fp32, speech_40s):
         ({"temperature": -0.1}, InvalidRequestError, "temperature"),
         ({"temperature": float("nan")}, InvalidRequestError, "temperature"),
         ({"max_tokens": 0}, InvalidRequestError, "max_tokens"),
+        ({"temperature": 1.0, "top_p": 1.5}, InvalidRequestError, "top_p"),
+        ({"temperature": 1.0, "top_k": -1}, InvalidRequestError, "top_k"),
+        ({"temperature": 1.0, "seed": 2**70}, InvalidRequestError, "64-bit"),
     ],
 )
-def test_bad_parameters(model_fp32, speech_5s, kwargs, error, match):
+def test_bad_parameters(fp32, speech_5s, kwargs, error, match):
     with pytest.raises(error, match=match):
-        mlx_voxtral.transcribe(model_fp32, speech_5s, **kwargs)
+        mlx_voxtral.transcribe(fp32, speech_5s, **kwargs)
 
 
-def test_bad_audio_leaves_no_state(model_fp32, speech_5s, baseline, tmp_path):
+def test_bad_audio_leaves_no_state(fp32, speech_5s, baseline, tmp_path):
     nan = np.zeros(48000, np.float32)
     nan[40000] = np.nan
     bad_inputs = [
@@ -88,6 +102,6 @@ def test_bad_audio_leaves_no_state(model_fp32, speech_5s, baseline, tmp_path):
     ]
     for source, error, match in bad_inputs:
         with pytest.raises(error, match=match):
-            mlx_voxtral.transcribe(model_fp32, source)
+            mlx_voxtral.transcribe(fp32, source)
         # the model is unaffected: the next request is exactly as before
-    assert mlx_voxtral.transcribe(model_fp32, speech_5s).token_ids == baseline.token_ids
+    assert mlx_voxtral.transcribe(fp32, speech_5s).token_ids == baseline.token_ids
