@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from .exceptions import InvalidRequestError
 from .results import StreamReset, TextDelta, Timings, Word
 from .sample import Sampler
 from .stream import StreamState

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
 
 E = "mm_streams_embeddings.embedding_module.whisper_encoder."
 A = "mm_streams_embeddings.embedding_module."

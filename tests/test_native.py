@@ -3,9 +3,6 @@ layers against the plain MLX modules."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np

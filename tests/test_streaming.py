@@ -353,7 +353,6 @@ def test_ring_cache_masks_and_slots():
     for _ in range(3):
         cache.add_row()
     layer = cache[0]
-    positions = [[], [], []]  # what each row wrote, by slot
     rng = np.random.default_rng(0)
     for step in range(40):
         lengths = [int(n) for n in rng.integers(0, chunk + 1, 3)]

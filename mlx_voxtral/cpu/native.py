@@ -21,7 +21,6 @@ import ctypes.util
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
