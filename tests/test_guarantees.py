@@ -30,9 +30,13 @@ REFERENCE = {(b, p): EXACT if p == "fp32" else TIE_AWARE for b in ("cpu", "mlx")
 # and many-row kernels sum differently (float32 rounding; amplified by 8-bit activations)
 STREAM = {**{("mlx", p): EXACT for p in PRECISIONS},
           ("cpu", "fp32"): IDS, ("cpu", "bf16"): IDS, ("cpu", "8"): AGREEMENT, ("cpu", "4"): AGREEMENT}
-# a stream in a batch vs alone: row-independent arithmetic on both backends' decoders; the
-# CPU backend's encoder passes of many rows take its BLAS path
-BATCH = {**{("mlx", p): EXACT for p in PRECISIONS}, **{("cpu", p): IDS for p in PRECISIONS}}
+# a stream in a batch vs alone: row-independent arithmetic on the MLX backend; on the CPU
+# backend, float32 and bf16 give the same ids, but quantized, a batch's prefill pass (every
+# joining stream's prompt at once) passes 64 rows and takes the float kernels where one
+# stream alone takes the integer ones, so near-ties may flip
+BATCH = {**{("mlx", p): EXACT for p in PRECISIONS}, ("cpu", "fp32"): IDS, ("cpu", "bf16"): IDS,
+         ("cpu", "8"): AGREEMENT, ("cpu", "4"): AGREEMENT}
+BATCH_FLOOR = 0.5  # share of positions equal to alone, free-running (a flip can shift the rest)
 
 # A near-tie: a reference step whose top-2 logit margin is below this may flip at this
 # precision (twice the largest logit error measured on the tiny model, rounded up).
@@ -160,5 +164,13 @@ def test_batch_versus_alone(model, backend, precision, audio, capsys):
         s.finish()
     while not all(s.done for s in sessions):
         batch.step()
-    assert [s.token_ids for s in sessions] == alone
-    _say(capsys, backend, precision, f"four streams in a batch: the ids they give alone ({BATCH[backend, precision]})")
+    together = [s.token_ids for s in sessions]
+    if BATCH[backend, precision] != AGREEMENT:
+        assert together == alone
+        _say(capsys, backend, precision, f"four streams in a batch: the ids they give alone ({BATCH[backend, precision]})")
+        return
+    same = [np.mean([a == b for a, b in zip(x, y)]) if x and y else 0.0 for x, y in zip(together, alone)]
+    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(together, alone)]
+    _say(capsys, backend, precision, f"four streams in a batch vs alone: {min(same):.1%} of positions equal at "
+         f"worst; first differences at tokens {first} (None: identical)")
+    assert min(same) >= BATCH_FLOOR
