@@ -26,6 +26,10 @@ N_FFT = 400
 HOP_LENGTH = 160
 N_MELS = 128
 GLOBAL_LOG_MEL_MAX = 1.5
+# Sample rates outside these bounds are refused: below, a tiny header can claim hours of
+# audio that resampling would blow up (a 1 Hz WAV); above, nothing real is recorded.
+MIN_SAMPLE_RATE = 4000
+MAX_SAMPLE_RATE = 384000
 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, np.ndarray]
 
@@ -67,7 +71,7 @@ def _soundfile_blocks(src, block_seconds: float):
                 try:
                     block = f.read(n, dtype="float32", always_2d=True)
                 except Exception as e:
-                    raise AudioError(f"corrupt audio data: {e}") from e
+                    raise AudioError("corrupt audio data") from e
                 if block.shape[0] == 0:
                     return
                 yield _mono(block)
@@ -111,7 +115,7 @@ def _pyav_blocks(src, block_seconds: float):
                 for out in resampler.resample(None):
                     pending.append(out.to_ndarray().reshape(-1, channels))
         except av.error.FFmpegError as e:
-            raise AudioError(f"corrupt audio data: {e}") from e
+            raise AudioError("corrupt audio data") from e
         if pending:
             yield _mono(np.concatenate(pending))
 
@@ -125,7 +129,9 @@ def _ffmpeg_blocks(src, block_seconds: float):
            "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
     proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
     if proc.returncode != 0:
-        raise UnsupportedAudioFormatError(proc.stderr.decode(errors="replace").strip())
+        error = UnsupportedAudioFormatError("ffmpeg could not decode the audio")
+        error.details = proc.stderr.decode(errors="replace").strip()
+        raise error
     audio = np.frombuffer(proc.stdout, np.float32)
     n = int(block_seconds * SAMPLE_RATE)
     return SAMPLE_RATE, audio.shape[0] / SAMPLE_RATE, (audio[i : i + n] for i in range(0, len(audio), n))
@@ -149,12 +155,14 @@ def _open_blocks(source: AudioSource, block_seconds: float):
             try:
                 return _ffmpeg_blocks(src, block_seconds)
             except UnsupportedAudioFormatError as e:
-                errors.append(f"ffmpeg: {e}")
+                errors.append(f"ffmpeg: {getattr(e, 'details', e)}")
     except Exception as e:
         errors.append(f"PyAV: {e}")
-    raise UnsupportedAudioFormatError(
-        "could not decode the audio (unsupported or corrupt file): " + "; ".join(errors)
-    )
+    # the decoders' own messages (libsndfile's, libav's) stay out of the message, which the
+    # server shows to clients; ``details`` keeps them for logs and debugging
+    error = UnsupportedAudioFormatError("could not decode the audio (unsupported or corrupt file)")
+    error.details = "; ".join(errors)
+    raise error
 
 
 def check_audio(audio: np.ndarray) -> np.ndarray:
@@ -173,7 +181,8 @@ class AudioBlocks:
     ``duration`` is the length in seconds when the container tells it, else ``None``.
 
     Raises ``AudioError`` for missing files, empty audio and NaN/inf samples, and
-    ``UnsupportedAudioFormatError`` for data no decoder can read.
+    ``UnsupportedAudioFormatError`` for data no decoder can read or a sample rate outside
+    ``MIN_SAMPLE_RATE`` .. ``MAX_SAMPLE_RATE``.
     """
 
     def __init__(self, source: AudioSource, block_seconds: float = 30.0, sample_rate: Optional[int] = None):
@@ -192,8 +201,11 @@ class AudioBlocks:
             duration = audio.shape[0] / rate
         else:
             rate, duration, blocks = _open_blocks(source, block_seconds)
-        if rate <= 0:
-            raise AudioError(f"invalid sample rate {rate}")
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise UnsupportedAudioFormatError(
+                f"the sample rate {rate} Hz is outside the supported {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+            )
+        self.sample_rate = rate
         self.duration = duration
         self._blocks = blocks
         self._resampler = (
