@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .audio_url import SourcePolicy, decode_input_audio, read_audio_url
-from .exceptions import InvalidRequestError
+from .exceptions import InvalidRequestError, VoxtralError
 from .validate import check_max_tokens, check_n, check_temperature
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -55,10 +55,11 @@ class ChatCompletionRequest:
     extra: dict = field(default_factory=dict)
 
 
-def check_options(max_tokens: Any, temperature: Any, n_choices: Any = 1) -> tuple[Optional[int], float]:
+def check_options(max_tokens: Any, temperature: Any, n_choices: Any = 1,
+                  max_temperature: Optional[float] = None) -> tuple[Optional[int], float]:
     """Validated ``(max_tokens, temperature)``; ``temperature=None`` means greedy."""
     max_tokens = check_max_tokens(max_tokens)
-    temperature = 0.0 if temperature is None else check_temperature(temperature)
+    temperature = 0.0 if temperature is None else check_temperature(temperature, max_temperature)
     check_n(n_choices)
     return max_tokens, temperature
 
@@ -96,9 +97,17 @@ def audio_inputs(messages: Any, policy: Optional[SourcePolicy] = None) -> list[b
     """The encoded audio of every audio part of ``messages``, in order.
 
     Raises ``InvalidRequestError`` for malformed messages, a part that may not be read under
-    ``policy`` (``ForbiddenSourceError``), or a request without any audio.
+    ``policy`` (``ForbiddenSourceError``), or a request without any audio; its ``param`` is
+    ``"messages"``.
     """
-    policy = policy or SourcePolicy()
+    try:
+        return _audio_inputs(messages, policy or SourcePolicy())
+    except VoxtralError as e:
+        e.param = e.param or "messages"
+        raise
+
+
+def _audio_inputs(messages: Any, policy: SourcePolicy) -> list[bytes]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("'messages' must be a non-empty list")
     audio: list[bytes] = []

@@ -24,9 +24,9 @@ def _is_number(x: Any) -> bool:
 def check_temperature(temperature: Any, maximum: Optional[float] = None) -> float:
     """A finite number >= 0 (and <= ``maximum`` when given); 0 means greedy decoding."""
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequestError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise InvalidRequestError(f"temperature must be a finite number >= 0, got {temperature!r}", "temperature")
     if maximum is not None and temperature > maximum:
-        raise InvalidRequestError(f"temperature must be at most {maximum:g}, got {temperature!r}")
+        raise InvalidRequestError(f"temperature must be at most {maximum:g}, got {temperature!r}", "temperature")
     return float(temperature)
 
 
@@ -35,7 +35,7 @@ def check_max_tokens(max_tokens: Any) -> Optional[int]:
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1
     ):
-        raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
     return None if max_tokens is None else int(max_tokens)
 
 
@@ -46,7 +46,7 @@ def check_seed(seed: Any) -> Optional[int]:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
         SEED_RANGE[0] <= seed <= SEED_RANGE[1]
     ):
-        raise InvalidRequestError(f"seed must be a 64-bit integer, got {seed!r}")
+        raise InvalidRequestError(f"seed must be a 64-bit integer, got {seed!r}", "seed")
     return int(seed)
 
 
@@ -55,7 +55,7 @@ def check_probability(value: Any, name: str, default: float) -> float:
     if value is None:
         return default
     if not _is_number(value) or not (0.0 <= value <= 1.0):
-        raise InvalidRequestError(f"{name} must be a number between 0 and 1, got {value!r}")
+        raise InvalidRequestError(f"{name} must be a number between 0 and 1, got {value!r}", name)
     return float(value)
 
 
@@ -64,7 +64,7 @@ def check_top_k(top_k: Any) -> int:
     if top_k is None:
         return 0
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise InvalidRequestError(f"top_k must be a non-negative integer, got {top_k!r}")
+        raise InvalidRequestError(f"top_k must be a non-negative integer, got {top_k!r}", "top_k")
     return int(top_k)
 
 
@@ -81,7 +81,7 @@ def check_delay(delay_ms: Any, token_ms: float, default: int) -> int:
     ):
         raise InvalidRequestError(
             f"delay_ms must be a multiple of {token_ms:g} ms between {token_ms:g} and "
-            f"{MAX_DELAY_MS} ms, got {delay_ms!r}"
+            f"{MAX_DELAY_MS} ms, got {delay_ms!r}", "delay_ms"
         )
     return int(delay_ms)
 
@@ -97,4 +97,4 @@ def check_samples(samples: Any) -> np.ndarray:
 def check_n(n: Any) -> None:
     """One choice per request."""
     if n not in (None, 1):
-        raise InvalidRequestError(f"only one choice per request is supported, got n={n!r}")
+        raise InvalidRequestError(f"only one choice per request is supported, got n={n!r}", "n")
