@@ -401,7 +401,7 @@ def _fairness(model, live: np.ndarray, upload: np.ndarray, chunk_ms: int = 80) -
     the previous one is decoded, to its last token) alone, then while ``upload`` is
     transcribed in the same batch, fed and scheduled as the server's engine does."""
     from .generate import Batch
-    from .server.engine import ENCODE_TOKENS, feed_offline
+    from .server.engine import ENCODE_TOKENS, Blocks, array_blocks, feed_offline
     from .session import Session
 
     chunk = int(SAMPLE_RATE * chunk_ms / 1000)
@@ -410,7 +410,7 @@ def _fairness(model, live: np.ndarray, upload: np.ndarray, chunk_ms: int = 80) -
         batch = Batch(model, ENCODE_TOKENS)
         session = Session(model)
         batch.add(session)
-        other, fed = None, 0
+        other, fed, blocks = None, 0, Blocks(array_blocks(upload))
         if with_upload:
             other = Session(model)
             batch.add(other)
@@ -422,14 +422,14 @@ def _fairness(model, live: np.ndarray, upload: np.ndarray, chunk_ms: int = 80) -
                 if other is None or other.done:
                     time.sleep(max(0.0, arrival - time.perf_counter()))
                     break
-                fed = feed_offline(other, upload, fed)
+                fed = feed_offline(other, blocks, fed)
                 batch.step()
             arrival = max(arrival, start + k * chunk_ms / 1000)
             session.push(live[i : i + chunk])
             decoded = len(session.token_ids)
             while not _caught_up(batch, session):
                 if other is not None and not other.done:
-                    fed = feed_offline(other, upload, fed)
+                    fed = feed_offline(other, blocks, fed)
                 batch.step()
             if len(session.token_ids) > decoded:
                 latencies.append(time.perf_counter() - arrival)

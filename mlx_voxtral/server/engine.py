@@ -12,9 +12,19 @@ while live streams keep their cadence. Events go back to each job's asyncio queu
 
 Two kinds of job:
 
-* **offline**: decoded audio arrays, transcribed one after another (a request with several
-  audio parts) under one shared ``max_tokens`` budget; fed to its session in blocks.
-* **live**: audio appended from a websocket as it arrives; ``finish()`` ends it.
+* **offline**: audio parts, transcribed one after another (a request with several parts)
+  under one shared ``max_tokens`` budget. A part is an array or an iterator of blocks (an
+  ``AudioBlocks`` decoding a file); iterators are advanced on the engine's decode pool, one
+  block ahead, so the worker never waits for a decoder and a request holds only a block or
+  two of decoded audio at a time.
+* **live**: audio appended from a websocket as it arrives; ``finish()`` ends it. ``backlog``
+  says how much of it waits for the decoder (the server stops reading the socket beyond a
+  limit).
+
+Admission comes first: ``reserve`` takes a place (a ``Ticket``) before the caller reads or
+decodes anything, and raises ``QueueFullError`` when ``max_concurrency + max_queue`` places
+are taken, or ``LiveLimitError`` when ``max_live`` live sessions run, so a full server
+refuses a request for the price of its headers.
 
 A job gets ``TextDelta`` / ``Word`` / ``StreamReset`` events, a ``PartDone`` per finished
 audio, and finally ``Finished`` (the ``Transcription`` of every part) or ``Failed``. A job
@@ -29,8 +39,9 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -57,6 +68,10 @@ class QueueFullError(VoxtralError):
     """The engine has ``max_concurrency`` active and ``max_queue`` waiting jobs already."""
 
 
+class LiveLimitError(QueueFullError):
+    """``max_live`` live sessions run already."""
+
+
 class RequestTimeoutError(VoxtralError):
     """A job ran past the engine's ``request_timeout``."""
 
@@ -69,20 +84,102 @@ class EngineClosedError(VoxtralError):
     """The engine was shut down."""
 
 
-def feed_offline(session: Session, audio: np.ndarray, fed: int) -> int:
-    """Give an offline session its next ``FEED_SECONDS`` of ``audio`` once less than that waits
-    to be decoded (the end of the audio finishes it); returns the samples fed so far."""
-    if session.finished:
-        return fed
+def array_blocks(audio: np.ndarray, seconds: float = FEED_SECONDS) -> Iterator[np.ndarray]:
+    """``audio`` in blocks of ``seconds``."""
+    n = int(seconds * SAMPLE_RATE)
+    return (audio[i : i + n] for i in range(0, audio.shape[0], n))
+
+
+class Blocks:
+    """A part's audio for the engine thread: ``poll()`` never blocks.
+
+    An iterator is advanced on ``pool`` one block ahead; ``poll()`` returns the next block
+    when it is ready, ``None`` while it is not (or at the end: then ``done`` is True), and
+    raises what decoding raised.
+    """
+
+    def __init__(self, blocks: Iterable[np.ndarray], pool: Optional[ThreadPoolExecutor] = None):
+        self._blocks = iter(blocks)
+        self._pool = pool
+        self._future: Optional[Future] = None
+        self.done = False
+
+    def _next(self):
+        return next(self._blocks, None)
+
+    def poll(self) -> Optional[np.ndarray]:
+        if self.done:
+            return None
+        if self._pool is None:
+            block = self._next()
+        else:
+            if self._future is None:
+                self._future = self._pool.submit(self._next)
+            if not self._future.done():
+                return None
+            block, self._future = self._future.result(), None
+        if block is None:
+            self.done = True
+        elif self._pool is not None:
+            self._future = self._pool.submit(self._next)  # decode the next block meanwhile
+        return block
+
+    def close(self) -> None:
+        if self._future is not None:
+            self._future.cancel()
+        close = getattr(self._blocks, "close", None)
+        if close is not None and (self._future is None or self._future.done()):
+            close()
+
+
+def waiting_samples(session: Session) -> int:
+    """Audio pushed into ``session`` that waits for its encoder or decoder, in samples
+    (padding included)."""
     stream = session.stream
-    waiting = stream.pending_tokens() + stream.buffered  # 80 ms tokens
-    block = int(FEED_SECONDS * SAMPLE_RATE)
-    if waiting * stream.samples_per_token < block:
-        session.push(audio[fed : fed + block])
-        fed += block
-        if fed >= audio.shape[0]:
-            session.finish()
+    return (stream.pending_tokens() + stream.buffered) * stream.samples_per_token
+
+
+def decoded_samples(session: Session) -> int:
+    """Real samples of ``session``'s audio that its decoder has passed."""
+    stream = session.stream
+    position = max(0, stream.position - session.left_pad_tokens) * stream.samples_per_token
+    return min(session.samples, session.origin + position)
+
+
+def feed_offline(session: Session, blocks: Blocks, fed: int) -> int:
+    """Give an offline session its next block of audio once less than ``FEED_SECONDS`` waits
+    to be decoded (the end of the audio finishes it); returns the samples fed so far."""
+    if session.finished or waiting_samples(session) >= FEED_SECONDS * SAMPLE_RATE:
+        return fed
+    block = blocks.poll()
+    if block is not None:
+        if block.shape[0]:
+            session.push(check_samples(block))
+        fed += block.shape[0]
+    elif blocks.done:
+        if fed == 0:
+            raise VoxtralError("the audio is empty (0 samples)")
+        session.finish()
     return fed
+
+
+class Ticket:
+    """A place in the engine, reserved before a request's body is read; give it to
+    ``submit``/``start_live``, or ``release`` it."""
+
+    def __init__(self, engine: "Engine", live: bool):
+        self.engine, self.live, self.used = engine, live, False
+
+    def release(self) -> None:
+        if not self.used:
+            self.used = True
+            self.engine._release(self)
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # jobs -----------------------------------------------------------------------------------
@@ -99,7 +196,7 @@ class Job:
 
     engine: "Engine"
     live: bool
-    audios: list[np.ndarray]
+    audios: list[Blocks]
     max_tokens: Optional[int]
     temperature: float
     seed: Optional[int]
@@ -116,11 +213,20 @@ class Job:
     results: list = field(default_factory=list)
     text_tokens: int = 0  # text tokens of the finished parts (max_tokens budget)
     inbox: collections.deque = field(default_factory=collections.deque)
+    appended: int = 0  # live: samples appended (asyncio side)
+    consumed: int = 0  # live: samples the encoder has consumed (engine side)
 
     def append(self, samples: np.ndarray) -> None:
         """Live jobs: more float32 16 kHz audio."""
-        self.inbox.append(np.asarray(samples, np.float32).reshape(-1))
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        self.appended += samples.shape[0]
+        self.inbox.append(samples)
         self.engine._wake()
+
+    @property
+    def backlog(self) -> float:
+        """Live jobs: seconds of appended audio the decoder has not consumed yet."""
+        return (self.appended - self.consumed) / SAMPLE_RATE
 
     def finish(self) -> None:
         """Live jobs: the audio has ended."""
@@ -154,7 +260,9 @@ class Engine:
     Args:
         model: a model from ``mlx_voxtral.load``.
         max_concurrency: streams decoded together (active jobs).
-        max_queue: jobs that may wait for a slot; beyond, ``submit`` raises ``QueueFullError``.
+        max_queue: jobs that may wait for a slot; beyond, ``reserve`` raises ``QueueFullError``.
+        max_live: live jobs at once (default: half of ``max_concurrency``, at least 1), so
+            live sessions cannot take every slot from HTTP requests.
         request_timeout: seconds an offline job may take from submission (queue wait
             included) before it fails with ``RequestTimeoutError``; ``None``: no limit. Live
             jobs last as long as their connection.
@@ -163,12 +271,19 @@ class Engine:
     """
 
     def __init__(self, model, max_concurrency: int = 8, max_queue: int = 32,
-                 request_timeout: Optional[float] = 600.0, encode_tokens: Optional[int] = None):
+                 request_timeout: Optional[float] = 600.0, encode_tokens: Optional[int] = None,
+                 max_live: Optional[int] = None):
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be >= 1 and max_queue >= 0")
         self.model = model
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self.max_live = max(1, max_concurrency // 2) if max_live is None else max_live
+        if self.max_live < 0:
+            raise ValueError("max_live must be >= 0")
+        self._tickets = 0  # reserved, not yet submitted
+        self._live_tickets = 0
+        self.decode_pool = ThreadPoolExecutor(2, thread_name_prefix="mlx-voxtral-decode")
         self.request_timeout = request_timeout
         self.encode_tokens = encode_tokens or ENCODE_TOKENS
         self.batch: Optional[Batch] = None  # the worker thread's
@@ -183,32 +298,58 @@ class Engine:
         self._thread.start()
 
     # asyncio side -------------------------------------------------------------------------
-    def submit(self, audios: list[np.ndarray], *, max_tokens: Optional[int] = None,
-               temperature: float = 0.0, seed: Optional[int] = None,
-               delay_ms: Optional[float] = None) -> Job:
-        """Queue an offline job over ``audios`` (float32 16 kHz arrays). Call from the loop."""
-        if not audios:
-            raise ValueError("an offline job needs at least one audio")
-        return self._add(False, list(audios), max_tokens, temperature, seed, delay_ms)
-
-    def start_live(self, *, temperature: float = 0.0, delay_ms: Optional[float] = None,
-                   max_tokens: Optional[int] = None) -> Job:
-        """Queue a live job; feed it with ``job.append`` and end it with ``job.finish``."""
-        return self._add(True, [], max_tokens, temperature, None, delay_ms)
-
-    def _add(self, live, audios, max_tokens, temperature, seed, delay_ms) -> Job:
-        loop = asyncio.get_running_loop()
-        deadline = None if (live or self.request_timeout is None) else time.monotonic() + self.request_timeout
-        job = Job(self, live, audios, max_tokens, temperature, seed, delay_ms, loop, deadline)
+    def reserve(self, live: bool = False) -> Ticket:
+        """A place for one job, taken before its input is read. Raises ``QueueFullError``
+        (``LiveLimitError`` for a live job over ``max_live``) or ``EngineClosedError``."""
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
-            load = sum(not (j.cancelled or j.closed) for j in [*self._active, *self._pending])
-            if load >= self.max_concurrency + self.max_queue:
+            jobs = [j for j in [*self._active, *self._pending] if not self._finished(j)]
+            if len(jobs) + self._tickets >= self.max_concurrency + self.max_queue:
                 raise QueueFullError(
                     f"the server is busy ({self.max_concurrency} requests running, "
                     f"{self.max_queue} waiting); retry later"
                 )
+            if live and sum(j.live for j in jobs) + self._live_tickets >= self.max_live:
+                raise LiveLimitError(f"the server runs its limit of {self.max_live} live sessions; retry later")
+            self._tickets += 1
+            self._live_tickets += live
+        return Ticket(self, live)
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._tickets -= 1
+            self._live_tickets -= ticket.live
+
+    def submit(self, audios: list[Union[np.ndarray, Iterable[np.ndarray]]], *, max_tokens: Optional[int] = None,
+               temperature: float = 0.0, seed: Optional[int] = None,
+               delay_ms: Optional[float] = None, ticket: Optional[Ticket] = None) -> Job:
+        """Queue an offline job over ``audios`` (float32 16 kHz arrays, or iterators of such
+        blocks, decoded on the engine's pool as the job needs them). Call from the loop."""
+        if not audios:
+            raise ValueError("an offline job needs at least one audio")
+        parts = [Blocks(array_blocks(a)) if isinstance(a, np.ndarray) else Blocks(a, self.decode_pool)
+                 for a in audios]
+        return self._add(False, parts, max_tokens, temperature, seed, delay_ms, ticket)
+
+    def start_live(self, *, temperature: float = 0.0, delay_ms: Optional[float] = None,
+                   max_tokens: Optional[int] = None, ticket: Optional[Ticket] = None) -> Job:
+        """Queue a live job; feed it with ``job.append`` and end it with ``job.finish``."""
+        return self._add(True, [], max_tokens, temperature, None, delay_ms, ticket)
+
+    def _add(self, live, audios, max_tokens, temperature, seed, delay_ms, ticket) -> Job:
+        ticket = ticket or self.reserve(live)
+        if ticket.used or ticket.live != live:
+            raise ValueError("a ticket is used once, for the kind of job it was reserved for")
+        loop = asyncio.get_running_loop()
+        deadline = None if (live or self.request_timeout is None) else time.monotonic() + self.request_timeout
+        job = Job(self, live, audios, max_tokens, temperature, seed, delay_ms, loop, deadline)
+        with self._lock:
+            ticket.used = True
+            self._tickets -= 1
+            self._live_tickets -= live
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
             self._pending.append(job)
         self._wake()
         return job
@@ -216,9 +357,10 @@ class Engine:
     @property
     def load(self) -> tuple[int, int]:
         """(active, waiting) jobs. A job that has answered counts no more, even before the
-        worker thread drops it at the end of its step."""
+        worker thread drops it at the end of its step; a reserved place counts as waiting."""
         with self._lock:
-            return sum(not self._finished(j) for j in self._active), len(self._pending)
+            return (sum(not self._finished(j) for j in self._active),
+                    sum(not self._finished(j) for j in self._pending) + self._tickets)
 
     def close(self) -> None:
         """Stop the worker; jobs still running fail with ``EngineClosedError``."""
@@ -226,6 +368,7 @@ class Engine:
             self._closed = True
         self._wake()
         self._thread.join(timeout=30)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -264,14 +407,17 @@ class Engine:
         return job.cancelled or job.closed
 
     def _drop(self, job: Job) -> None:
-        """Take the job's session out of the batch."""
+        """Take the job's session out of the batch; stop decoding its audio."""
         if job.session is not None and job.session in self.batch.sessions:
             self.batch.remove(job.session)
         job.session = None
+        if job.closed or job.cancelled:
+            for part in job.audios:
+                part.close()
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        self._drop(job)
         job.closed = True
+        self._drop(job)
         job._emit(Failed(error))
 
     def _prepare(self, job: Job) -> bool:
@@ -307,6 +453,7 @@ class Engine:
 
     def _feed_live(self, job: Job) -> None:
         session = job.session
+        job.consumed = decoded_samples(session)
         while job.inbox:
             item = job.inbox.popleft()
             if session.finished:
