@@ -18,6 +18,13 @@ from typing import Optional
 
 from ..options import add_model_args, load_model
 
+# the defaults, stated once (app.py holds them; it needs the serve extra to import)
+MAX_AUDIO_SECONDS = 3600.0
+LIVE_IDLE_TIMEOUT = 30.0
+LIVE_BACKLOG_SECONDS = 30.0
+BODY_TIMEOUT = 60.0
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible Voxtral Realtime transcription server")
@@ -31,8 +38,32 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
     p.add_argument("--allow-local-files", metavar="DIR", help="let audio_url read files inside DIR")
     p.add_argument("--allow-remote-urls", action="store_true", help="let audio_url fetch http(s) URLs")
+    p.add_argument("--remote-domains", metavar="D,D", default="",
+                   help="with --allow-remote-urls: only hosts on these domains (default: any public host)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="with --allow-remote-urls: also fetch from loopback, private and link-local addresses")
+    p.add_argument("--fetch-timeout", type=float, default=30.0, help="seconds for a whole remote fetch")
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest audio upload")
-    p.add_argument("--max-audio-seconds", type=float, default=None, help="longest audio accepted")
+    p.add_argument("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS,
+                   help="audio per request, summed over its parts (0: no limit)")
+    p.add_argument("--max-live", type=int, default=None,
+                   help="live websocket sessions at once (default: half of --max-concurrency)")
+    p.add_argument("--live-idle-timeout", type=float, default=LIVE_IDLE_TIMEOUT,
+                   help="seconds a live session may send nothing (0: no limit)")
+    p.add_argument("--max-live-seconds", type=float, default=MAX_AUDIO_SECONDS,
+                   help="audio per live session (0: no limit)")
+    p.add_argument("--live-backlog-seconds", type=float, default=LIVE_BACKLOG_SECONDS,
+                   help="live audio buffered ahead of the decoder before the socket stops being read")
+    p.add_argument("--allowed-hosts", metavar="H,H", default="",
+                   help="Host names served besides loopback ones ('*': any)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (https://app.example) that may open the websocket; repeatable")
+    p.add_argument("--limit-concurrency", type=int, default=512,
+                   help="open connections before uvicorn answers 503")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection lives")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT,
+                   help="seconds for a request's body to arrive (0: no limit)")
     p.add_argument("--served-model-name", help="model id in /v1/models and responses (default: --model)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -49,6 +80,12 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
     if args.max_queue < 0:
         print(f"{name}: error: --max-queue must be >= 0", file=sys.stderr)
         return 2
+    if args.live_backlog_seconds < 1:
+        print(f"{name}: error: --live-backlog-seconds must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_live is not None and not 0 <= args.max_live <= args.max_concurrency:
+        print(f"{name}: error: --max-live must be between 0 and --max-concurrency", file=sys.stderr)
+        return 2
     if args.allow_local_files and not os.path.isdir(args.allow_local_files):
         print(f"{name}: error: --allow-local-files {args.allow_local_files} is not a folder", file=sys.stderr)
         return 2
@@ -56,7 +93,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
         import uvicorn
 
         from ..audio_url import SourcePolicy
-        from .app import create_app
+        from .app import LOOPBACK_HOSTS, create_app
+        from .protocol import uvicorn_settings
     except ImportError as e:
         print(f"{name}: error: {e.name} is missing; install the server extra: pip install 'mlx-voxtral[serve]'",
               file=sys.stderr)
@@ -71,21 +109,35 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
         return 1
     max_bytes = int(args.max_upload_mb * 1024 * 1024)
     policy = SourcePolicy(local_root=args.allow_local_files, allow_remote=args.allow_remote_urls,
-                          max_bytes=max_bytes)
+                          max_bytes=max_bytes, timeout=args.fetch_timeout,
+                          allowed_domains=tuple(d.strip() for d in args.remote_domains.split(",") if d.strip()),
+                          allow_private_addresses=args.allow_private_urls)
+    hosts = [*LOOPBACK_HOSTS, *(h.strip() for h in args.allowed_hosts.split(",") if h.strip())]
+    if args.host not in WILDCARD_HOSTS:
+        hosts.append(args.host)
     app = create_app(
         model,
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or None,
         policy=policy,
         max_upload_bytes=max_bytes,
-        max_audio_seconds=args.max_audio_seconds,
+        max_audio_seconds=args.max_audio_seconds or None,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout or None,
+        max_live=args.max_live,
+        live_idle_timeout=args.live_idle_timeout or None,
+        max_live_seconds=args.max_live_seconds or None,
+        live_backlog_seconds=args.live_backlog_seconds,
+        body_timeout=args.body_timeout or None,
+        allowed_hosts=hosts,
+        allow_ip_hosts=args.host in WILDCARD_HOSTS,
+        allowed_origins=args.allow_origin,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    settings = uvicorn_settings(args.header_timeout, args.limit_concurrency, args.timeout_keep_alive)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                 timeout_graceful_shutdown=10)).run()
+                                  timeout_graceful_shutdown=10, **settings)).run()
     return 0
 
 

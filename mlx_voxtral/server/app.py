@@ -14,16 +14,24 @@ This module only parses, validates and shapes; all model work is the engine's. E
 OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``:
 
 =====  ===========================================================================
-400    malformed JSON / base64 / form, bad parameter, unreadable or too long audio
+400    malformed JSON / base64 / form, bad parameter (``param`` names it), unreadable
+       or too long audio, a remote audio URL that could not be fetched, a ``Host``
+       header the server does not answer to
 401    missing or wrong API key
 403    an audio_url the server may not read (local file outside the allowed folder,
-       a remote URL without ``--allow-remote-urls``)
-404    unknown route;  405 wrong method
+       a remote URL without ``--allow-remote-urls``, off the allowed domains, or
+       resolving to a private address)
+404    unknown route;  405 wrong method;  408 the body did not arrive in time
 413    request body or audio larger than the upload limit
 415    wrong Content-Type, or audio in a format no decoder reads
-429    the engine's queue is full (with ``Retry-After``)
+429    no place in the engine (with ``Retry-After``), answered before the body is read
+500    a fault of the server's own: a generic message, the connection kept
 504    the request ran past the engine's request timeout
 =====  ===========================================================================
+
+The websocket answers bad events with an ``error`` event and goes on; it closes with 1008
+after an ``idle_timeout`` or ``session_too_long`` error event, 1013 after ``server_busy``
+(too many live sessions), 1011 after a fault of its own.
 
 ``temperature`` is the sampling temperature (0, or absent, is greedy decoding), with the
 request's ``seed`` when given. ``max_tokens`` caps text tokens; above ``MAX_TOKENS_CAP`` it
@@ -37,12 +45,16 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
+import ipaddress
+import itertools
 import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Iterator, Optional
 
 import numpy as np
 from starlette.applications import Starlette
@@ -55,7 +67,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import SAMPLE_RATE, iter_audio
-from ..audio_url import AudioTooLargeError, ForbiddenSourceError, SourcePolicy
+from ..audio_url import AudioTooLargeError, FetchError, ForbiddenSourceError, SourcePolicy
 from ..chat import (
     PART_SEPARATOR,
     Usage,
@@ -66,16 +78,35 @@ from ..chat import (
     completion_response,
     finish_reason,
 )
-from ..exceptions import AudioError, InvalidRequestError, UnsupportedAudioFormatError, VoxtralError
+from ..exceptions import (
+    AudioError,
+    AudioTooLongError,
+    InvalidRequestError,
+    UnsupportedAudioFormatError,
+    VoxtralError,
+)
 from ..results import DeltaText, Failed, Finished, PartDone
 from ..validate import check_seed, check_temperature
 from ..writers import render
-from .engine import Engine, EngineClosedError, Job, QueueFullError, RequestTimeoutError
+from . import BODY_TIMEOUT, LIVE_BACKLOG_SECONDS, LIVE_IDLE_TIMEOUT, MAX_AUDIO_SECONDS
+from .engine import (
+    FEED_SECONDS,
+    Engine,
+    EngineClosedError,
+    Job,
+    QueueFullError,
+    RequestTimeoutError,
+    Ticket,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_CAP = 100_000
 RETRY_AFTER_SECONDS = 1
+CHAT_MAX_TEMPERATURE = 2.0  # OpenAI's bounds
+TRANSCRIPTION_MAX_TEMPERATURE = 1.0
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+MIN_AUDIO_SAMPLES = 160  # 10 ms: less is no speech (and a sign of a truncated file)
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
 
@@ -98,10 +129,20 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+               413: "request_too_large"}
+
+
 def api_error(exc: BaseException) -> APIError:
-    """The HTTP error for an exception raised while serving a request."""
+    """The HTTP error for an exception raised while serving a request: the client's fault
+    with its message and ``param``, anything else a 500 that says nothing about internals."""
     if isinstance(exc, APIError):
         return exc
+    param = getattr(exc, "param", None)
+    if isinstance(exc, HTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if exc.status_code < 500 else "internal server error"
+        return APIError(exc.status_code, message, kind, code=_HTTP_CODES.get(exc.status_code), headers=exc.headers)
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), "rate_limit_error", code="server_busy",
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -110,36 +151,47 @@ def api_error(exc: BaseException) -> APIError:
     if isinstance(exc, EngineClosedError):
         return APIError(503, str(exc), "server_error", code="shutting_down")
     if isinstance(exc, AudioTooLargeError):
-        return APIError(413, str(exc), code="request_too_large")
+        return APIError(413, str(exc), param=param, code="request_too_large")
     if isinstance(exc, ForbiddenSourceError):
-        return APIError(403, str(exc), "permission_error", code="forbidden_source")
+        return APIError(403, str(exc), "permission_error", param=param, code="forbidden_source")
+    if isinstance(exc, FetchError):
+        return APIError(400, exc.public, param=param, code="fetch_failed")
     if isinstance(exc, UnsupportedAudioFormatError):
-        return APIError(415, str(exc), code="unsupported_audio_format")
+        return APIError(415, str(exc), param=param, code="unsupported_audio_format")
+    if isinstance(exc, AudioTooLongError):
+        return APIError(400, str(exc), param=param, code="audio_too_long")
     if isinstance(exc, AudioError):
-        return APIError(400, str(exc), code="invalid_audio")
+        return APIError(400, str(exc), param=param, code="invalid_audio")
     if isinstance(exc, VoxtralError):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=param, code="invalid_request")
     log.error("internal error", exc_info=exc)
     return APIError(500, "internal server error", "server_error")
+
+
+def guarded(handler):
+    """A route that answers every exception itself: an error raised past the app would make
+    uvicorn drop the (keep-alive) connection."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as e:  # noqa: BLE001 - each becomes its OpenAI-shaped answer
+            return api_error(e).response()
+
+    return route
 
 
 async def _api_error_handler(request: Request, exc: Exception) -> Response:
     return api_error(exc).response()
 
 
-async def _http_error_handler(request: Request, exc: HTTPException) -> Response:
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-    return APIError(exc.status_code, exc.detail, kind, code=codes.get(exc.status_code),
-                    headers=exc.headers).response()
-
-
-# request body size ------------------------------------------------------------------------
+# middleware -----------------------------------------------------------------------------
 class BodyLimit:
-    """ASGI middleware: a 413 for HTTP bodies over ``max_bytes`` (declared or streamed)."""
+    """ASGI middleware: a 413 for HTTP bodies over ``max_bytes`` (declared or streamed), a
+    408 for a body that has not fully arrived ``timeout`` seconds after it was first read."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: Optional[float] = BODY_TIMEOUT):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -147,20 +199,82 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large().response()(scope, receive, send)
-        seen = 0
+        seen, deadline, complete = 0, None, False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise self._too_large()
+            nonlocal seen, deadline, complete
+            if complete or self.timeout is None:
+                message = await receive()
+            else:
+                deadline = deadline or time.monotonic() + self.timeout
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise APIError(408, f"the request body did not arrive within {self.timeout:g} s",
+                                   code="request_timeout", headers={"Connection": "close"}) from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if seen > self.max_bytes:
+                    raise self._too_large()
             return message
 
         await self.app(scope, limited_receive, send)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
+
+
+def host_name(header: str) -> Optional[str]:
+    """The host of a ``Host`` header (no port, IPv6 brackets removed), lower case; None if
+    malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        host, sep, rest = header[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return host
+    host, _, port = header.partition(":")
+    if port and not port.isdigit():
+        return None
+    return host or None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class HostCheck:
+    """ASGI middleware: answer only requests whose ``Host`` is one of ``allowed`` (any port),
+    which keeps a web page from reaching a loopback server through DNS rebinding. ``"*"``
+    allows every host; ``allow_ip_literals`` any IP address (a server bound to every
+    interface is reached by its addresses, which a rebinding attack cannot forge)."""
+
+    def __init__(self, app, allowed, allow_ip_literals: bool = False):
+        self.app = app
+        self.allowed = {h.lower().strip("[]") for h in allowed}
+        self.allow_ip_literals = allow_ip_literals
+
+    def permits(self, header: str) -> bool:
+        if "*" in self.allowed:
+            return True
+        host = host_name(header)
+        return host is not None and (host in self.allowed or (self.allow_ip_literals and _is_ip(host)))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if self.permits(header):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        error = APIError(400, "this server does not answer to that Host header", code="invalid_host")
+        return await error.response()(scope, receive, send)
 
 
 # helpers --------------------------------------------------------------------------------
@@ -204,18 +318,62 @@ def _check_max_tokens_cap(max_tokens: Optional[int]) -> None:
         raise APIError(400, f"max_tokens must be at most {MAX_TOKENS_CAP}, got {max_tokens}", param="max_tokens")
 
 
+class _Budget:
+    """Seconds of audio one request may still decode, over all its parts."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.claimed = 0.0  # seconds the containers state
+        self.samples = 0  # samples decoded
+
+    def error(self) -> AudioTooLongError:
+        return AudioTooLongError(f"the audio is longer than the server's {self.seconds:g} s limit per request")
+
+    def claim(self, seconds: Optional[float]) -> None:
+        """Audio whose container says it lasts ``seconds``: refused before decoding."""
+        if self.seconds is not None and seconds is not None:
+            self.claimed += seconds
+            if self.claimed > self.seconds:
+                raise self.error()
+
+    def metered(self, blocks) -> Iterator[np.ndarray]:
+        for block in blocks:
+            self.samples += block.shape[0]
+            if self.seconds is not None and self.samples > (self.seconds + 0.1) * SAMPLE_RATE:
+                raise self.error()
+            yield block
+
+
 class VoxtralAPI:
     """The route handlers and the configuration they share."""
 
     def __init__(self, engine: Engine, model_name: str, api_key: Optional[str], policy: SourcePolicy,
-                 max_upload_bytes: int, max_audio_seconds: Optional[float]):
+                 max_upload_bytes: int, max_audio_seconds: Optional[float], *,
+                 live_idle_timeout: Optional[float] = LIVE_IDLE_TIMEOUT,
+                 max_live_seconds: Optional[float] = MAX_AUDIO_SECONDS,
+                 live_backlog_seconds: float = LIVE_BACKLOG_SECONDS, allowed_origins=()):
         self.engine = engine
         self.model_name = model_name
         self.api_key = api_key
         self.policy = policy
         self.max_upload_bytes = max_upload_bytes
         self.max_audio_seconds = max_audio_seconds
+        self.live_idle_timeout = live_idle_timeout
+        self.max_live_seconds = max_live_seconds
+        self.live_backlog_seconds = live_backlog_seconds
+        self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
         self.created = int(time.time())
+        # fetches wait on the network in a pool of their own, so slow remote servers cannot
+        # hold the threads that read and decode everybody's uploads
+        self.fetch_pool = ThreadPoolExecutor(8, thread_name_prefix="mlx-voxtral-fetch")
+        self.read_pool = ThreadPoolExecutor(4, thread_name_prefix="mlx-voxtral-read")
+
+    def close(self) -> None:
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.read_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in(self, pool: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # shared checks ------------------------------------------------------------------------
     def _authorized(self, headers) -> bool:
@@ -229,25 +387,35 @@ class VoxtralAPI:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Encoded audio to float32 16 kHz, within the duration limit. Runs in a worker thread."""
-        if not data:
-            raise AudioError("the audio is empty (0 bytes)")
-        if len(data) > self.max_upload_bytes:
-            raise APIError(413, f"the audio exceeds {self.max_upload_bytes} bytes", code="request_too_large")
-        limit = self.max_audio_seconds
-        too_long = APIError(400, f"the audio is longer than the server's {limit:g} s limit",
-                            code="audio_too_long") if limit else None
-        blocks = iter_audio(data)
-        if limit and blocks.duration is not None and blocks.duration > limit + 0.5:
-            raise too_long
-        out, n = [], 0
-        for block in blocks:
-            n += block.shape[0]
-            if limit and n > limit * SAMPLE_RATE:
-                raise too_long
-            out.append(block)
-        return np.concatenate(out)
+    def _reserve(self, live: bool = False) -> Ticket:
+        return self.engine.reserve(live)
+
+    def open_audio(self, encoded: list[bytes]) -> list:
+        """Encoded audio parts to block iterators (float32 16 kHz), within the request's
+        duration limit: durations the containers state are checked before anything is
+        decoded, and each part's first block is decoded here so that unreadable audio is an
+        error before the request starts. Runs in a worker thread."""
+        budget = _Budget(self.max_audio_seconds)
+        opened = []
+        for data in encoded:
+            if not data:
+                raise AudioError("the audio is empty (0 bytes)")
+            if len(data) > self.max_upload_bytes:
+                raise AudioTooLargeError(f"the audio exceeds {self.max_upload_bytes} bytes")
+            blocks = iter_audio(data, block_seconds=FEED_SECONDS)
+            budget.claim(blocks.duration)
+            opened.append(blocks)
+        parts = []
+        for blocks in opened:
+            metered = budget.metered(blocks)
+            head = [next(metered)]
+            if head[0].shape[0] < MIN_AUDIO_SAMPLES:  # a truncated file, say
+                head += list(itertools.islice(metered, 1))
+                if sum(b.shape[0] for b in head) < MIN_AUDIO_SAMPLES:
+                    raise AudioError(f"the audio is too short to transcribe (under {MIN_AUDIO_SAMPLES} samples "
+                                     f"at {SAMPLE_RATE} Hz)")
+            parts.append(itertools.chain(head, metered))
+        return parts
 
     async def _collect(self, job: Job, request: Request) -> list:
         """Wait for a job's results; a client that disconnects meanwhile cancels the job."""
@@ -269,6 +437,9 @@ class VoxtralAPI:
             watcher.cancel()
             job.cancel()
 
+    def _delay(self, value) -> Optional[int]:
+        return None if value is None else self.engine.model.tokenizer.check_delay(value)
+
     # routes -------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         active, waiting = self.engine.load
@@ -282,33 +453,35 @@ class VoxtralAPI:
 
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        if _media_type(request) not in ("", "application/json"):
+        if _media_type(request) != "application/json":
             raise APIError(415, "Content-Type must be application/json", code="unsupported_media_type")
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        if body.get("model") is not None and not isinstance(body["model"], str):
-            raise APIError(400, "'model' must be a string", param="model")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens, temperature = check_options(max_tokens, body.get("temperature"), body.get("n", 1))
-        _check_max_tokens_cap(max_tokens)
-        stream = body.get("stream", False)
-        options = body.get("stream_options") or {}
-        seed = body.get("seed")
-        if not isinstance(stream, bool) and stream is not None:
-            raise APIError(400, "'stream' must be a boolean", param="stream")
-        if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", param="stream_options")
-        try:
-            seed = check_seed(seed)
-        except InvalidRequestError as e:
-            raise APIError(400, str(e), param="seed")
-        encoded = await run_in_threadpool(audio_inputs, body.get("messages"), self.policy)
-        audios = [await run_in_threadpool(self.decode, data) for data in encoded]
-        job = self.engine.submit(audios, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        with self._reserve() as ticket:  # a place first: a full server reads no body
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+            if body.get("model") is not None and not isinstance(body["model"], str):
+                raise APIError(400, "'model' must be a string", param="model")
+            max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            max_tokens, temperature = check_options(max_tokens, body.get("temperature"), body.get("n", 1),
+                                                    max_temperature=CHAT_MAX_TEMPERATURE)
+            _check_max_tokens_cap(max_tokens)
+            stream = body.get("stream", False)
+            options = body.get("stream_options") or {}
+            if not isinstance(stream, bool) and stream is not None:
+                raise APIError(400, "'stream' must be a boolean", param="stream")
+            if not isinstance(options, dict):
+                raise APIError(400, "'stream_options' must be an object", param="stream_options")
+            seed = check_seed(body.get("seed"))
+            delay_ms = self._delay(body.get("delay_ms"))
+            encoded = await self._in(self.fetch_pool, audio_inputs, body.get("messages"), self.policy)
+            del raw, body
+            audios = await self._in(self.read_pool, self.open_audio, encoded)
+            job = self.engine.submit(audios, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                     delay_ms=delay_ms, ticket=ticket)
         request_id, created = completion_id(), int(time.time())
         if stream:
             events = self._chat_events(job, request_id, created, len(audios), bool(options.get("include_usage")))
@@ -347,32 +520,46 @@ class VoxtralAPI:
 
     async def transcriptions(self, request: Request) -> Response:
         self._authorize(request)
-        if _media_type(request) != "multipart/form-data":
+        media = _media_type(request)
+        bodiless = request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers
+        if media not in ("multipart/form-data", "application/x-www-form-urlencoded") and not (media == "" and bodiless):
             raise APIError(415, "Content-Type must be multipart/form-data", code="unsupported_media_type")
-        async with request.form(max_files=1, max_fields=32, max_part_size=64 * 1024) as form:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise APIError(400, "'file' (an audio file upload) is required", param="file")
-            for name in ("model", "language", "prompt", "response_format", "temperature", "stream"):
-                if form.get(name) is not None and not isinstance(form.get(name), str):
-                    raise APIError(400, f"'{name}' must be a form field, not a file", param=name)
-            response_format = form.get("response_format") or "json"
-            if response_format not in RESPONSE_FORMATS:
-                raise APIError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
-                               param="response_format")
-            temperature = check_temperature(_form_float(form.get("temperature"), "temperature") or 0.0)
-            granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
-            if any(g not in GRANULARITIES for g in granularities):
-                raise APIError(400, "timestamp_granularities[] items must be 'word' or 'segment'",
-                               param="timestamp_granularities")
-            stream = _form_bool(form.get("stream"), "stream")
-            if stream and response_format not in ("json", "text"):
-                raise APIError(400, "stream=true works with response_format json or text",
-                               param="response_format")
-            language = form.get("language") or None
-            data = await upload.read()
-        audio = await run_in_threadpool(self.decode, data)
-        job = self.engine.submit([audio], temperature=temperature)
+        with self._reserve() as ticket:  # a place first: a full server reads no body
+            async with request.form(max_files=1, max_fields=32, max_part_size=64 * 1024) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    raise APIError(400, "'file' (an audio file upload) is required", param="file")
+                for name in ("model", "language", "prompt", "response_format", "temperature", "stream",
+                             "delay_ms"):
+                    if form.get(name) is not None and not isinstance(form.get(name), str):
+                        raise APIError(400, f"'{name}' must be a form field, not a file", param=name)
+                response_format = form.get("response_format") or "json"
+                if response_format not in RESPONSE_FORMATS:
+                    raise APIError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
+                                   param="response_format")
+                temperature = check_temperature(_form_float(form.get("temperature"), "temperature") or 0.0,
+                                                TRANSCRIPTION_MAX_TEMPERATURE)
+                delay_ms = self._delay(_form_float(form.get("delay_ms"), "delay_ms"))
+                granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
+                if any(g not in GRANULARITIES for g in granularities):
+                    raise APIError(400, "timestamp_granularities[] items must be 'word' or 'segment'",
+                                   param="timestamp_granularities")
+                stream = _form_bool(form.get("stream"), "stream")
+                if stream and response_format not in ("json", "text"):
+                    raise APIError(400, "stream=true works with response_format json or text",
+                                   param="response_format")
+                language = form.get("language") or None
+                if upload.size is not None and upload.size > self.max_upload_bytes:
+                    raise APIError(413, f"the audio exceeds {self.max_upload_bytes} bytes", param="file",
+                                   code="request_too_large")
+                data = await upload.read(self.max_upload_bytes + 1)
+            try:
+                audios = await self._in(self.read_pool, self.open_audio, [data])
+            except VoxtralError as e:
+                e.param = e.param or "file"
+                raise
+            del data
+            job = self.engine.submit(audios, temperature=temperature, delay_ms=delay_ms, ticket=ticket)
         if stream:
             return StreamingResponse(self._transcription_events(job), media_type="text/event-stream")
         results = await self._collect(job, request)
@@ -420,6 +607,17 @@ class VoxtralAPI:
             job.cancel()
 
     # realtime -----------------------------------------------------------------------------
+    def _origin_allowed(self, websocket: WebSocket) -> bool:
+        """No ``Origin`` (not a browser), the server's own origin, or one allowed by flag."""
+        origin = websocket.headers.get("origin")
+        if origin is None:
+            return True
+        origin = origin.rstrip("/").lower()
+        if origin in self.allowed_origins or "*" in self.allowed_origins:
+            return True
+        host = websocket.headers.get("host", "").lower()
+        return bool(host) and origin in (f"http://{host}", f"https://{host}")
+
     async def realtime(self, websocket: WebSocket) -> None:
         """OpenAI-Realtime-style transcription over a websocket (vLLM's Voxtral protocol).
 
@@ -429,6 +627,12 @@ class VoxtralAPI:
         events: ``session.created``, ``transcription.delta``, ``transcription.done`` (with
         ``usage``) and ``error``. After ``transcription.done`` the next append starts a new
         transcription on the same connection.
+
+        Limits: a session that sends nothing for ``live_idle_timeout`` seconds while it has
+        no transcription to wait for, or appends more than ``max_live_seconds`` of audio, is
+        told so and closed (1008); beyond ``max_live`` live sessions, a new one is told to
+        retry (1013). Audio more than ``live_backlog_seconds`` ahead of the decoder pauses
+        reading the socket (the client's sends block) until the decoder catches up.
         """
         if not self._authorized(websocket.headers):
             denial = APIError(401, "invalid or missing API key", code="invalid_api_key").response()
@@ -437,91 +641,159 @@ class VoxtralAPI:
             except RuntimeError:
                 await websocket.close(code=1008)
             return
+        if not self._origin_allowed(websocket):
+            denial = APIError(403, "this origin may not open a realtime session", "permission_error",
+                              code="forbidden_origin").response()
+            try:
+                await websocket.send_denial_response(denial)
+            except RuntimeError:
+                await websocket.close(code=1008)
+            return
         await websocket.accept()
         await websocket.send_json({"type": "session.created", "id": f"sess-{uuid.uuid4().hex}",
                                    "created": int(time.time())})
-        job: Optional[Job] = None
-        delay_ms = None
-        tasks: set[asyncio.Task] = set()
-
-        async def error(message: str, code: str) -> None:
-            await websocket.send_json({"type": "error", "error": {
-                "message": message, "type": "invalid_request_error", "param": None, "code": code}})
-
+        session = _LiveSession(self, websocket)
         try:
-            while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                if message.get("text") is None:
-                    await error("send JSON text messages, not binary frames", "invalid_event")
-                    continue
-                try:
-                    event = json.loads(message["text"])
-                except ValueError:
-                    await error("the message is not valid JSON", "invalid_json")
-                    continue
-                kind = event.get("type") if isinstance(event, dict) else None
-                try:
-                    if kind == "session.update":
-                        if job is not None:
-                            raise InvalidRequestError("session.update is not allowed while audio is streaming")
-                        delay_ms = self._session_delay(event, delay_ms)
-                    elif kind == "input_audio_buffer.append":
-                        samples = self._pcm16(event.get("audio"))
-                        if job is None:
-                            job = self._start_live(delay_ms, websocket, tasks)
-                        job.append(samples)
-                    elif kind == "input_audio_buffer.commit":
-                        if job is None:
-                            job = self._start_live(delay_ms, websocket, tasks)
-                        if event.get("final"):
-                            job.finish()
-                            job = None
-                    else:
-                        await error(f"unknown event type {kind!r}", "unknown_event")
-                except QueueFullError as e:
-                    await error(str(e), "server_busy")
-                except VoxtralError as e:
-                    await error(str(e), "invalid_request")
-        except WebSocketDisconnect:
+            await session.run()
+        except (WebSocketDisconnect, RuntimeError):  # the client went away mid-send
             pass
+        except Exception as e:  # noqa: BLE001 - a fault of ours: say so, close, keep serving
+            log.error("realtime session failed", exc_info=e)
+            with contextlib.suppress(Exception):
+                await session.close_with(APIError(500, "internal server error", "server_error"), 1011)
         finally:
-            if job is not None:
-                job.cancel()
-            for task in tasks:
-                task.cancel()
+            session.stop()
 
     def _session_delay(self, event: dict, delay_ms):
         session = event.get("session") if isinstance(event.get("session"), dict) else event
         model = event.get("model", session.get("model"))
         if model is not None and not isinstance(model, str):
-            raise InvalidRequestError("'model' must be a string")
+            raise InvalidRequestError("'model' must be a string", "model")
         delay = session.get("delay_ms", delay_ms)
         self.engine.model.tokenizer.check_delay(delay)
         return delay
 
     def _pcm16(self, audio) -> np.ndarray:
         if not isinstance(audio, str):
-            raise InvalidRequestError("input_audio_buffer.append needs 'audio': base64 PCM16 data")
+            raise InvalidRequestError("input_audio_buffer.append needs 'audio': base64 PCM16 data", "audio")
         if len(audio) * 3 // 4 > self.max_upload_bytes:
-            raise InvalidRequestError(f"the audio chunk exceeds {self.max_upload_bytes} bytes")
+            raise InvalidRequestError(f"the audio chunk exceeds {self.max_upload_bytes} bytes", "audio")
         try:
             data = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidRequestError("'audio' is not valid base64")
+            raise InvalidRequestError("'audio' is not valid base64", "audio") from None
         if not data or len(data) % 2:
-            raise InvalidRequestError("'audio' must be a non-empty whole number of 16-bit samples")
+            raise InvalidRequestError("'audio' must be a non-empty whole number of 16-bit samples", "audio")
         return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
 
-    def _start_live(self, delay_ms, websocket: WebSocket, tasks: set) -> Job:
-        job = self.engine.start_live(delay_ms=delay_ms)
-        task = asyncio.create_task(self._forward(job, websocket))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return job
 
-    async def _forward(self, job: Job, websocket: WebSocket) -> None:
+class _LiveSession:
+    """One realtime websocket: its events in, its jobs' events out, its limits."""
+
+    def __init__(self, api: VoxtralAPI, websocket: WebSocket):
+        self.api, self.websocket = api, websocket
+        self.job: Optional[Job] = None  # the transcription receiving audio
+        self.tasks: set[asyncio.Task] = set()  # forwarding finished transcriptions' events
+        self.delay_ms = None
+        self.samples = 0  # appended over the whole session
+
+    async def error(self, message: str, code: Optional[str], kind: str = "invalid_request_error",
+                    param: Optional[str] = None) -> None:
+        await self.websocket.send_json({"type": "error", "error": {
+            "message": message, "type": kind, "param": param, "code": code}})
+
+    def stop(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def close_with(self, error: APIError, code: int) -> None:
+        """Stop everything, send ``error`` as the last event, close with ``code``."""
+        self.stop()
+        await self.error(error.message, error.code, error.type, error.param)
+        await self.websocket.close(code=code)
+
+    async def receive(self) -> Optional[dict]:
+        """The next message, or None after an idle timeout (then the session is closed)."""
+        idle = self.api.live_idle_timeout
+        waiting = self.job is None and self.tasks  # a transcription is finishing: not idle
+        if idle is None or waiting:
+            return await self.websocket.receive()
+        try:
+            return await asyncio.wait_for(self.websocket.receive(), idle)
+        except asyncio.TimeoutError:
+            await self.close_with(APIError(400, f"no event for {idle:g} s: the session is closed",
+                                           code="idle_timeout"), 1008)
+            return None
+
+    async def run(self) -> None:
+        while True:
+            message = await self.receive()
+            if message is None or message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is None:
+                await self.error("send JSON text messages, not binary frames", "invalid_event")
+                continue
+            try:
+                event = json.loads(message["text"])
+            except (ValueError, RecursionError):
+                await self.error("the message is not valid JSON", "invalid_json")
+                continue
+            if not isinstance(event, dict):
+                await self.error("an event must be a JSON object with a 'type'", "invalid_request")
+                continue
+            try:
+                if not await self.handle(event):
+                    return
+            except QueueFullError as e:
+                await self.close_with(APIError(429, str(e), "rate_limit_error", code="server_busy"), 1013)
+                return
+            except VoxtralError as e:
+                await self.error(str(e), "invalid_request", param=e.param)
+
+    async def handle(self, event: dict) -> bool:
+        """Act on one client event; False when the session has been closed."""
+        api, kind = self.api, event.get("type")
+        if kind == "session.update":
+            if self.job is not None:
+                raise InvalidRequestError("session.update is not allowed while audio is streaming")
+            self.delay_ms = api._session_delay(event, self.delay_ms)
+        elif kind == "input_audio_buffer.append":
+            samples = api._pcm16(event.get("audio"))
+            limit = api.max_live_seconds
+            if limit is not None and self.samples + samples.shape[0] > limit * SAMPLE_RATE:
+                await self.close_with(APIError(400, f"the session's audio passed the server's {limit:g} s limit",
+                                               code="session_too_long"), 1008)
+                return False
+            job = self.start()
+            self.samples += samples.shape[0]
+            job.append(samples)
+            while job.backlog > api.live_backlog_seconds and not (job.closed or job.cancelled):
+                await asyncio.sleep(0.02)  # backpressure: the socket is not read meanwhile
+        elif kind == "input_audio_buffer.commit":
+            job = self.start()
+            if event.get("final"):
+                job.finish()
+                self.job = None
+        else:
+            await self.error(f"unknown event type {str(kind)[:64]!r}", "unknown_event")
+        return True
+
+    def start(self) -> Job:
+        """The transcription receiving audio, started (with its engine place) if need be."""
+        if self.job is not None and (self.job.closed or self.job.cancelled):  # it failed (and said so)
+            self.job = None
+        if self.job is None:
+            ticket = self.api.engine.reserve(live=True)
+            self.job = self.api.engine.start_live(delay_ms=self.delay_ms, ticket=ticket)
+            task = asyncio.create_task(self.forward(self.job))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return self.job
+
+    async def forward(self, job: Job) -> None:
         """A live job's events to the websocket."""
         text = DeltaText()
         try:
@@ -529,16 +801,16 @@ class VoxtralAPI:
                 event = await job.next_event()
                 piece = text.add(event)
                 if piece:
-                    await websocket.send_json({"type": "transcription.delta", "delta": piece})
+                    await self.websocket.send_json({"type": "transcription.delta", "delta": piece})
                 elif isinstance(event, Finished):
                     u = Usage.from_results(event.results)
-                    await websocket.send_json({"type": "transcription.done", "text": event.results[0].text,
-                                               "usage": {"prompt_tokens": u.prompt_tokens,
-                                                         "completion_tokens": u.completion_tokens,
-                                                         "total_tokens": u.total_tokens}})
+                    await self.websocket.send_json({"type": "transcription.done", "text": event.results[0].text,
+                                                    "usage": {"prompt_tokens": u.prompt_tokens,
+                                                              "completion_tokens": u.completion_tokens,
+                                                              "total_tokens": u.total_tokens}})
                     return
                 elif isinstance(event, Failed):
-                    await websocket.send_json({"type": "error", **api_error(event.error).body()})
+                    await self.websocket.send_json({"type": "error", **api_error(event.error).body()})
                     return
         except (WebSocketDisconnect, RuntimeError):  # the client is gone
             pass
@@ -553,49 +825,74 @@ def create_app(
     api_key: Optional[str] = None,
     policy: Optional[SourcePolicy] = None,
     max_upload_bytes: int = 100 * 1024 * 1024,
-    max_audio_seconds: Optional[float] = None,
+    max_audio_seconds: Optional[float] = MAX_AUDIO_SECONDS,
     max_concurrency: int = 8,
     max_queue: int = 32,
     request_timeout: Optional[float] = 600.0,
+    max_live: Optional[int] = None,
+    live_idle_timeout: Optional[float] = LIVE_IDLE_TIMEOUT,
+    max_live_seconds: Optional[float] = MAX_AUDIO_SECONDS,
+    live_backlog_seconds: float = LIVE_BACKLOG_SECONDS,
+    body_timeout: Optional[float] = BODY_TIMEOUT,
+    allowed_hosts=LOOPBACK_HOSTS,
+    allow_ip_hosts: bool = False,
+    allowed_origins=(),
 ) -> Starlette:
     """The Starlette app serving one model.
 
     Args:
         engine_or_model: an ``Engine`` (shared, not closed by the app) or a loaded model (the
-            app makes an ``Engine`` with ``max_concurrency``, ``max_queue`` and
+            app makes an ``Engine`` with ``max_concurrency``, ``max_queue``, ``max_live`` and
             ``request_timeout`` and closes it at shutdown).
         model_name: the id ``/v1/models`` lists and responses carry.
         api_key: if set, every route but ``/health`` needs ``Authorization: Bearer <key>``.
         policy: which ``audio_url`` locations may be read; default: data URLs only.
         max_upload_bytes: limit on audio size (a JSON body may be 4/3 of it, for base64).
-        max_audio_seconds: limit on audio duration (``None``: no limit).
+        max_audio_seconds: limit on a request's audio, summed over its parts (``None``: no
+            limit).
+        max_live: live sessions at once (default: half of ``max_concurrency``).
+        live_idle_timeout: seconds a live session may send nothing (``None``: no limit).
+        max_live_seconds: audio one live session may send (``None``: no limit).
+        live_backlog_seconds: live audio buffered ahead of the decoder before the server
+            stops reading the socket (at least 1).
+        body_timeout: seconds for a request body to arrive (``None``: no limit).
+        allowed_hosts: ``Host`` names answered (any port); ``("*",)`` answers all.
+        allow_ip_hosts: also answer any IP address as ``Host`` (for a server bound to every
+            interface).
+        allowed_origins: browser origins (``"https://app.example"``) that may open the
+            websocket besides the server's own.
     """
+    if live_backlog_seconds < 1:
+        raise ValueError("live_backlog_seconds must be at least 1 (a stream needs some audio ahead)")
     owned = not isinstance(engine_or_model, Engine)
-    engine = Engine(engine_or_model, max_concurrency, max_queue, request_timeout) if owned else engine_or_model
+    engine = (Engine(engine_or_model, max_concurrency, max_queue, request_timeout, max_live=max_live)
+              if owned else engine_or_model)
     policy = policy or SourcePolicy(local_root=None, allow_remote=False)
-    policy = SourcePolicy(policy.local_root, policy.allow_remote, min(policy.max_bytes, max_upload_bytes),
-                          policy.timeout)
-    api = VoxtralAPI(engine, model_name, api_key, policy, max_upload_bytes, max_audio_seconds)
+    policy = dataclasses.replace(policy, max_bytes=min(policy.max_bytes, max_upload_bytes))
+    api = VoxtralAPI(engine, model_name, api_key, policy, max_upload_bytes, max_audio_seconds,
+                     live_idle_timeout=live_idle_timeout, max_live_seconds=max_live_seconds,
+                     live_backlog_seconds=live_backlog_seconds, allowed_origins=allowed_origins)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
+        api.close()
         if owned:
             await run_in_threadpool(engine.close)
 
     app = Starlette(
         routes=[
-            Route("/health", api.health, methods=["GET"]),
-            Route("/v1/models", api.models, methods=["GET"]),
-            Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
-            Route("/v1/audio/transcriptions", api.transcriptions, methods=["POST"]),
+            Route("/health", guarded(api.health), methods=["GET"]),
+            Route("/v1/models", guarded(api.models), methods=["GET"]),
+            Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
+            Route("/v1/audio/transcriptions", guarded(api.transcriptions), methods=["POST"]),
             WebSocketRoute("/v1/realtime", api.realtime),
         ],
-        exception_handlers={HTTPException: _http_error_handler, APIError: _api_error_handler,
-                            VoxtralError: _api_error_handler, Exception: _api_error_handler},
+        exception_handlers={HTTPException: _api_error_handler, Exception: _api_error_handler},
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes * 4 // 3 + 1024 * 1024)
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes * 4 // 3 + 1024 * 1024, timeout=body_timeout)
+    app.add_middleware(HostCheck, allowed=allowed_hosts, allow_ip_literals=allow_ip_hosts)
     app.state.api = api
     app.state.engine = engine
     return app
