@@ -10,10 +10,8 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,61 +35,12 @@ from mlx_voxtral.server.app import create_app  # noqa: E402
 from mlx_voxtral.server.engine import Engine  # noqa: E402
 from mlx_voxtral.writers import render  # noqa: E402
 
+from serving import Served, b64, chat_body, data_url, realtime, write_wav  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sekrit"
 MAX_UPLOAD = 2 * 1024 * 1024
 MAX_SECONDS = 20.0
-
-
-def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> Path:
-    sf.write(str(path), audio, rate, subtype="PCM_16")
-    return path
-
-
-def b64(path: Path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def data_url(path: Path) -> str:
-    return f"data:audio/wav;base64,{b64(path)}"
-
-
-def chat_body(*urls: str, **options) -> dict:
-    parts = [{"type": "audio_url", "audio_url": {"url": u}} for u in urls]
-    return {"model": "default", "messages": [{"role": "user", "content": parts}], **options}
-
-
-# servers --------------------------------------------------------------------------------
-def free_socket(port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    return sock
-
-
-class Served:
-    """An app on a loopback port, served by uvicorn in a background thread."""
-
-    def __init__(self, app, port: int = 0):
-        try:
-            sock = free_socket(port)
-        except OSError:  # the preferred port is taken
-            sock = free_socket(0)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.http = httpx.Client(base_url=self.url, timeout=120)
-
-    def close(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -268,23 +217,6 @@ def test_models_and_health(server):
 
 
 # realtime -----------------------------------------------------------------------------------
-async def realtime(url: str, pcm16: np.ndarray, headers=None, chunk: int = 1600) -> tuple[list, dict, dict]:
-    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
-        created = json.loads(await ws.recv())
-        await ws.send(json.dumps({"type": "session.update", "model": "default"}))
-        for i in range(0, len(pcm16), chunk):  # 100 ms of PCM16 per event
-            audio = base64.b64encode(pcm16[i : i + chunk].astype("<i2").tobytes()).decode()
-            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
-        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
-        deltas = []
-        while True:
-            event = json.loads(await ws.recv())
-            if event["type"] == "transcription.delta":
-                deltas.append(event["delta"])
-            else:
-                return deltas, event, created
-
-
 def test_realtime_equals_offline(server, refs):
     url = server.url.replace("http", "ws") + "/v1/realtime"
     deltas, done, created = asyncio.run(realtime(url, refs["pcm16_samples"]))
