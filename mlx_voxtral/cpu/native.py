@@ -111,7 +111,7 @@ def _find_blas() -> tuple[str, dict]:
     environment to load it with.
 
     OpenBLAS picks its kernels from the CPU's model number when it loads; a release older than
-    the CPU falls back to generic ones (Debian 12's 0.3.21 on a recent Xeon picks "Prescott",
+    the CPU falls back to generic ones (Debian 12's 0.3.21 on a Zen 4 EPYC picks "Prescott",
     a fifth of its SkylakeX kernels' speed: BENCHMARKS.md). The library is probed in a
     subprocess (a probe here would fix the choice for this process) and, when it would fall
     back although the CPU has AVX2 or AVX-512, loaded with ``OPENBLAS_CORETYPE`` naming those
