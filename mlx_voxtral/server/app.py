@@ -96,7 +96,6 @@ from .engine import (
     Job,
     QueueFullError,
     RequestTimeoutError,
-    Ticket,
 )
 
 log = logging.getLogger(__name__)
@@ -387,9 +386,6 @@ class VoxtralAPI:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
-    def _reserve(self, live: bool = False) -> Ticket:
-        return self.engine.reserve(live)
-
     def open_audio(self, encoded: list[bytes]) -> list:
         """Encoded audio parts to block iterators (float32 16 kHz), within the request's
         duration limit: durations the containers state are checked before anything is
@@ -455,7 +451,7 @@ class VoxtralAPI:
         self._authorize(request)
         if _media_type(request) != "application/json":
             raise APIError(415, "Content-Type must be application/json", code="unsupported_media_type")
-        with self._reserve() as ticket:  # a place first: a full server reads no body
+        with self.engine.reserve() as ticket:  # a place first: a full server reads no body
             raw = await request.body()
             try:
                 body = json.loads(raw)
@@ -524,7 +520,7 @@ class VoxtralAPI:
         bodiless = request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers
         if media not in ("multipart/form-data", "application/x-www-form-urlencoded") and not (media == "" and bodiless):
             raise APIError(415, "Content-Type must be multipart/form-data", code="unsupported_media_type")
-        with self._reserve() as ticket:  # a place first: a full server reads no body
+        with self.engine.reserve() as ticket:  # a place first: a full server reads no body
             async with request.form(max_files=1, max_fields=32, max_part_size=64 * 1024) as form:
                 upload = form.get("file")
                 if not isinstance(upload, UploadFile):
@@ -635,20 +631,10 @@ class VoxtralAPI:
         reading the socket (the client's sends block) until the decoder catches up.
         """
         if not self._authorized(websocket.headers):
-            denial = APIError(401, "invalid or missing API key", code="invalid_api_key").response()
-            try:
-                await websocket.send_denial_response(denial)
-            except RuntimeError:
-                await websocket.close(code=1008)
-            return
+            return await _deny(websocket, APIError(401, "invalid or missing API key", code="invalid_api_key"))
         if not self._origin_allowed(websocket):
-            denial = APIError(403, "this origin may not open a realtime session", "permission_error",
-                              code="forbidden_origin").response()
-            try:
-                await websocket.send_denial_response(denial)
-            except RuntimeError:
-                await websocket.close(code=1008)
-            return
+            return await _deny(websocket, APIError(403, "this origin may not open a realtime session",
+                                                   "permission_error", code="forbidden_origin"))
         await websocket.accept()
         await websocket.send_json({"type": "session.created", "id": f"sess-{uuid.uuid4().hex}",
                                    "created": int(time.time())})
@@ -685,6 +671,15 @@ class VoxtralAPI:
         if not data or len(data) % 2:
             raise InvalidRequestError("'audio' must be a non-empty whole number of 16-bit samples", "audio")
         return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+
+
+async def _deny(websocket: WebSocket, error: APIError) -> None:
+    """Refuse a websocket before accepting it: the HTTP error where the server can send one,
+    else a close (1008)."""
+    try:
+        await websocket.send_denial_response(error.response())
+    except RuntimeError:
+        await websocket.close(code=1008)
 
 
 class _LiveSession:
