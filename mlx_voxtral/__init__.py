@@ -17,8 +17,8 @@ from .exceptions import (  # noqa: E402
     UnsupportedAudioFormatError,
     VoxtralError,
 )
-from .generate import Batch, async_stream_transcribe, stream_transcribe, transcribe  # noqa: E402
-from .results import Done, Segment, StreamReset, TextDelta, Timings, Transcription, Word  # noqa: E402
+from .generate import Batch, async_stream_transcribe, stream_transcribe, transcribe, transcribe_many  # noqa: E402
+from .results import Done, FileResult, Segment, StreamReset, TextDelta, Timings, Transcription, Word  # noqa: E402
 from .loader import load  # noqa: E402
 from .chat import ChatCompletionRequest  # noqa: E402
 from .runner import MultimodalArchitecture, Runner, VisionArchitecture, Which  # noqa: E402
@@ -35,6 +35,8 @@ __all__ = [
     "convert",
     "Batch",
     "transcribe",
+    "transcribe_many",
+    "FileResult",
     "stream_transcribe",
     "async_stream_transcribe",
     "Transcription",

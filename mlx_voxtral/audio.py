@@ -243,6 +243,27 @@ def iter_audio(source: AudioSource, block_seconds: float = 30.0, sample_rate: Op
     return AudioBlocks(source, block_seconds, sample_rate)
 
 
+def probe_duration(path: Union[str, os.PathLike]) -> Optional[float]:
+    """Seconds of audio in the file at ``path`` from its header (no decoding), or None when
+    the container does not say or no decoder can read it."""
+    try:
+        info = sf.info(os.fspath(path))
+        if info.frames > 0 and info.samplerate > 0:
+            return info.frames / info.samplerate
+    except Exception:  # not a libsndfile format: ask FFmpeg
+        pass
+    try:
+        import av
+
+        with av.open(os.fspath(path), mode="r") as container:
+            streams = container.streams.audio
+            if streams and streams[0].duration:
+                return float(streams[0].duration * streams[0].time_base)
+            return container.duration / 1e6 if container.duration else None
+    except Exception:
+        return None
+
+
 def load_audio(source: AudioSource, sample_rate: Optional[int] = None) -> np.ndarray:
     """Load a whole recording as float32 mono 16 kHz.
 

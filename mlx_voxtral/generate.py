@@ -21,6 +21,7 @@ already dispatched for it is then dropped.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import time
@@ -31,8 +32,8 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import AudioSource, iter_audio
-from .exceptions import AudioError
-from .results import Done, Event, StreamReset, TextDelta, Timings, Transcription, Word
+from .exceptions import AudioError, InvalidRequestError
+from .results import Done, Event, FileResult, StreamReset, TextDelta, Timings, Transcription, Word
 from .sample import Sampler, sample
 from .session import Session
 from .validate import check_samples
@@ -44,7 +45,7 @@ CLEAR_CACHE_STEPS = 256
 
 __all__ = [
     "Batch", "Timings", "Transcription", "TextDelta", "Word", "StreamReset", "Done",
-    "transcribe", "stream_transcribe", "async_stream_transcribe", "result",
+    "transcribe", "transcribe_many", "stream_transcribe", "async_stream_transcribe", "result",
 ]
 
 
@@ -415,6 +416,142 @@ def transcribe(
             if progress is not None:
                 progress(session.duration, blocks.duration)
     return result(session)
+
+
+class _Reader:
+    """One audio's blocks, decoded in a worker thread one block ahead of the model."""
+
+    def __init__(self, source: AudioSource, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._blocks = None
+        self._future = pool.submit(self._open, source)
+
+    def _open(self, source: AudioSource):
+        self._blocks = iter_audio(source, block_seconds=BLOCK_SECONDS)
+        return next(self._blocks)
+
+    def _next(self):
+        return next(self._blocks, None)
+
+    @property
+    def future(self) -> concurrent.futures.Future:
+        return self._future
+
+    def ready(self) -> bool:
+        return self._future.done()
+
+    def take(self) -> Optional[np.ndarray]:
+        """The next block (None: the audio ended); raises the decoder's error. Starts decoding
+        the block after it."""
+        block = self._future.result()
+        self._future = self._pool.submit(self._next) if block is not None else None
+        return block
+
+    def close(self) -> None:
+        if self._future is not None:
+            self._future.cancel()
+
+
+class _File:
+    def __init__(self, index: int, source: AudioSource):
+        self.index, self.source = index, source
+        self.attempts = 0
+        self.start = time.perf_counter()
+        self.session: Optional[Session] = None
+        self.reader: Optional[_Reader] = None
+
+
+def transcribe_many(
+    model,
+    sources: Iterable[AudioSource],
+    *,
+    batch_size: int = 4,
+    workers: int = 2,
+    retries: int = 1,
+    delay_ms: Optional[float] = None,
+    temperature: float = 0.0,
+    max_tokens: Optional[int] = None,
+    seed: Optional[int] = None,
+    progress: Optional[Callable[[float], None]] = None,
+) -> Iterator[FileResult]:
+    """Transcribe many recordings, ``batch_size`` of them decoded together in one ``Batch``,
+    yielding a ``FileResult`` for each as it finishes (not in the order given).
+
+    Audio is decoded in ``workers`` threads, one block ahead of the model, so reading and
+    resampling overlap the model's work. A recording whose audio cannot be read (or whose
+    session fails) is tried ``retries`` more times, then yielded with its ``error``; the
+    others go on. Options as for ``transcribe``; they apply to every recording, and are
+    checked before any work starts (``InvalidRequestError``). ``progress(seconds)`` is called
+    with the seconds of audio each newly read block adds (negative when a retry starts over). Each result's tokens are those
+    ``transcribe`` gives the same audio wherever README's guarantees table says a stream in
+    a batch is identical to one alone.
+    """
+    if batch_size < 1 or workers < 1 or retries < 0:
+        raise InvalidRequestError("batch_size and workers must be >= 1 and retries >= 0")
+    _session(model, delay_ms, temperature, seed, max_tokens)  # bad options fail here, once
+    queue = [_File(i, s) for i, s in enumerate(sources)]
+    queue.reverse()
+    batch = Batch(model)
+    active: list[_File] = []
+
+    def start(f: _File) -> None:
+        f.attempts += 1
+        f.session = _session(model, delay_ms, temperature, seed, max_tokens)
+        f.reader = _Reader(f.source, pool)
+        batch.add(f.session)
+        active.append(f)
+
+    def stop(f: _File) -> None:
+        active.remove(f)
+        batch.remove(f.session)
+        f.reader.close()
+
+    def finished(f: _File, error: Optional[BaseException]) -> Optional[FileResult]:
+        stop(f)
+        if error is not None and f.attempts <= retries:
+            if progress is not None and f.session.samples:
+                progress(-f.session.duration)  # read again from the start
+            start(f)
+            return None
+        return FileResult(f.index, f.source, None if error else result(f.session), error, f.attempts,
+                          time.perf_counter() - f.start)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlx-voxtral-audio") as pool, wired_limit():
+        try:
+            while queue or active:
+                while queue and len(active) < batch_size:
+                    start(queue.pop())
+                done = []
+                # feed each session its next block once it has encoded all it was given (as
+                # ``transcribe`` does), so at most two blocks per audio are in memory
+                for f in list(active):
+                    s = f.session
+                    if s.finished or s.done or s.stream.pending_tokens() or not f.reader.ready():
+                        continue
+                    try:
+                        block = f.reader.take()
+                        if block is None:
+                            s.finish()
+                        else:
+                            s.push(block)
+                            if progress is not None:
+                                progress(block.shape[0] / model.tokenizer.sample_rate)
+                    except Exception as e:  # unreadable audio: this file fails, the others go on
+                        done.append(finished(f, e))
+                _, progressed = batch.step()
+                for f in list(active):
+                    if f.session.done:
+                        done.append(finished(f, None))
+                for r in done:
+                    if r is not None:
+                        yield r
+                if not progressed and not done:
+                    waiting = [f.reader.future for f in active if f.reader.future is not None]
+                    if waiting:
+                        concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+        finally:
+            for f in active:
+                f.reader.close()
 
 
 def stream_transcribe(

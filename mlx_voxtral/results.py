@@ -1,7 +1,7 @@
 """What transcription produces: results, the events of a live stream, and the engine's events.
 
 Every type a caller receives lives here: ``Transcription`` (with its ``Timings``, ``Word``s and
-``Segment``s), the events of ``stream_transcribe`` (``TextDelta``, ``Word``, ``StreamReset``,
+``Segment``s), ``FileResult`` (one audio of ``transcribe_many``), the events of ``stream_transcribe`` (``TextDelta``, ``Word``, ``StreamReset``,
 ``Done``), those of a server engine job (``PartDone``, ``Finished``, ``Failed``), and
 ``DeltaText``, the one adapter from text events to the deltas an API sends.
 """
@@ -115,6 +115,23 @@ class Done:
 
 
 Event = Union[TextDelta, Word, StreamReset, Done]
+
+
+@dataclass
+class FileResult:
+    """One audio of ``transcribe_many``, finished: its ``Transcription``, or the error that
+    stopped its last attempt (``result`` is then None)."""
+
+    index: int  # position in the sources given
+    source: object
+    result: Optional[Transcription] = None
+    error: Optional[BaseException] = None
+    attempts: int = 1
+    wall_seconds: float = 0.0  # from its first attempt's start to its end
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 # engine jobs ----------------------------------------------------------------------------
