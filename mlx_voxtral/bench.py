@@ -19,6 +19,9 @@ measures, as the modes ask:
   host's cost of a step, which bounds a Metal GPU's throughput);
 * ``fairness``: a live stream's per-chunk latency alone and while a long upload is
   transcribed beside it, scheduled as the server's engine does;
+* ``archive``: an archive of N files (the audio, shifted per file, as wav files) through
+  ``transcribe_many``, one file at a time and N at once: audio hours per wall hour, the
+  files' decoding included;
 * ``imports``: offline RTFx with ``import mlx.core`` before and after ``import mlx_voxtral``.
 
 It also measures the machine (memory read bandwidth, matmul throughput per backend and
@@ -256,6 +259,7 @@ class Result:
     concurrent: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
     fairness: dict = field(default_factory=dict)
+    archive: dict = field(default_factory=dict)
     import_first: str = "mlx_voxtral"
     error: Optional[str] = None
 
@@ -375,6 +379,27 @@ def _concurrent(model, audio: np.ndarray, streams: int) -> dict:
     }
 
 
+def _archive(model, audio: np.ndarray, files: int) -> dict:
+    """Audio hours per hour of ``transcribe_many`` over ``files`` wav files: one at a time,
+    and all at once."""
+    import soundfile as sf
+
+    from .generate import transcribe_many
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(files):
+            paths.append(os.path.join(tmp, f"{i}.wav"))
+            sf.write(paths[-1], np.roll(audio, -((i * 3 * SAMPLE_RATE) % max(len(audio), 1))), SAMPLE_RATE)
+        out = {"files": files, "audio_s_per_file": round(len(audio) / SAMPLE_RATE, 2)}
+        for batch_size in (1, files):
+            t0 = time.perf_counter()
+            seconds = sum(r.result.audio_duration for r in transcribe_many(model, paths, batch_size=batch_size))
+            out[f"audio_h_per_h_batch_{batch_size}"] = round(seconds / (time.perf_counter() - t0), 3)
+    out["speedup"] = round(out[f"audio_h_per_h_batch_{files}"] / out["audio_h_per_h_batch_1"], 2)
+    return out
+
+
 def _graph(model, audio: np.ndarray, counts: list[int]) -> dict:
     """Milliseconds spent building (and dispatching) a decode step's graphs, median over the
     steps that only decode, for each number of streams."""
@@ -478,6 +503,8 @@ def run_worker(spec: dict) -> dict:
         result.concurrent = _concurrent(model, shortest, spec["streams"])
     if "graph" in modes:
         result.graph = _graph(model, shortest, spec["graph_streams"])
+    if "archive" in modes:
+        result.archive = _archive(model, shortest, spec["streams"])
     if "fairness" in modes:
         result.fairness = _fairness(model, shortest, speech(spec["upload_seconds"], spec.get("audio")))
     result.peak_rss_gb = round(_peak_rss() / 1e9, 3)
@@ -643,6 +670,12 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
             lines.append(f"{pad} graph building per decode step: " + ", ".join(
                 f"{n} streams {ms} ms" for n, ms in g.items()) + (
                 f" ({g[max(g, key=int)] / first:.2f}x from {min(g, key=int)} to {max(g, key=int)})" if first else ""))
+        if r.get("archive"):
+            a = r["archive"]
+            many = a[f"audio_h_per_h_batch_{a['files']}"]
+            lines.append(f"{pad} archive of {a['files']} files ({a['audio_s_per_file']} s each): "
+                         f"{a['audio_h_per_h_batch_1']} audio h/h one at a time, {many} h/h {a['files']} at once "
+                         f"({a['speedup']}x)")
         if r["fairness"]:
             f = r["fairness"]
             lines.append(
@@ -708,9 +741,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--precisions", default="fp32,bf16,8,4",
                         help="of fp32, bf16, 8, 4, stored (the folder as it is, e.g. converted)")
     parser.add_argument("--modes", default="offline,streaming,concurrent",
-                        help="of offline, streaming, concurrent, graph, fairness, imports; "
+                        help="of offline, streaming, concurrent, graph, fairness, archive, imports; "
                              "\"load\" alone measures loading only")
-    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams (and the archive mode's files)")
     parser.add_argument("--graph-streams", default="1,8,32", help="stream counts of the graph mode")
     parser.add_argument("--upload-seconds", type=float, default=600.0, help="the fairness mode's upload")
     parser.add_argument("--peers", default="", help="comma list of voxmlx,mlx-audio,mistral.rs,transformers or 'all'")
@@ -734,7 +767,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if p not in PRECISIONS:
             parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
     modes = [m for m in args.modes.split(",") if m]
-    known = ("load", "offline", "streaming", "concurrent", "graph", "fairness", "imports")
+    known = ("load", "offline", "streaming", "concurrent", "graph", "fairness", "archive", "imports")
     for m in modes:
         if m not in known:
             parser.error(f"unknown mode {m!r}; choose from {', '.join(known)}")

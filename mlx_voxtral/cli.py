@@ -1,7 +1,9 @@
 """The ``mlx-voxtral`` command (also ``python -m mlx_voxtral``).
 
-    mlx-voxtral transcribe FILE... [--model M] [--quantize 4|8] [--delay-ms N]
-                                   [--format txt|json|srt|vtt] [--output-dir D]
+    mlx-voxtral transcribe INPUT... [--model M] [--quantize 4|8] [--delay-ms N]
+                                    [--format txt|json|srt|vtt] [--output-dir D] [--resume]
+                                    (INPUT: a file, a folder, a glob or @list.txt; run it under
+                                    ``mlx.launch`` to share an archive out among processes)
     mlx-voxtral listen [--from-file FILE]      live transcription (microphone or a file at real-time pace)
     mlx-voxtral serve ...                      the OpenAI-compatible server
     mlx-voxtral convert ...                    write a quantized MLX checkpoint
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 from .exceptions import VoxtralError
+from .archive import LOG_NAME
 from .options import add_model_args, load_model
-from .writers import FORMATS
+from .writers import FORMATS, render
 
 PROG = "mlx-voxtral"
 
@@ -32,48 +35,63 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _transcribe(args) -> int:
+    from .archive import Ranks, collect, run_job
+
+    files = collect(args.files)
+    ranks = Ranks.init()
+    options = dict(delay_ms=args.delay_ms, temperature=args.temperature, max_tokens=args.max_tokens,
+                   batch_size=args.batch_size, workers=args.workers)
+    if args.output_dir is None:
+        if args.resume:
+            raise VoxtralError("--resume needs --output-dir (it skips files whose output exists)")
+        if ranks.size > 1:
+            raise VoxtralError(f"{ranks.size} processes need --output-dir: each writes its own files there")
+        return _transcribe_to_stdout(load_model(args), files, args.quiet, options)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(args, quiet=args.quiet or ranks.rank != 0)
+    try:
+        summary = run_job(model, files, out_dir, args.format, resume=args.resume,
+                          log_path=Path(args.log) if args.log else None, ranks=ranks, quiet=args.quiet,
+                          status=lambda line: print(f"{PROG}: {line}", file=sys.stderr), **options)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted: every output written is complete; run the same command with "
+              "--resume to finish the job", file=sys.stderr)
+        return 130
+    if ranks.rank == 0 and not args.quiet:
+        print(f"{summary.done} transcribed ({summary.audio_seconds / 3600:.2f} h of audio), "
+              f"{summary.skipped} skipped, {summary.failed} failed", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _transcribe_to_stdout(model, files: list, quiet: bool, options: dict) -> int:
+    """Each file's text on stdout, in the order given (files finish out of order)."""
     from tqdm import tqdm
 
-    from .generate import transcribe
-    from .writers import render
+    from .generate import transcribe_many
 
-    missing = [f for f in args.files if not Path(f).is_file()]
-    if missing:
-        raise VoxtralError(f"no such file: {', '.join(missing)}")
-    if args.output_dir is not None:
-        out_dir = Path(args.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(args)
-    failed = 0
-    for path in args.files:
-        bar = tqdm(desc=Path(path).name, unit="s", disable=args.quiet or None, leave=False,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s [{elapsed}<{remaining}]")
+    bar = tqdm(desc="transcribing", unit="s", disable=quiet or None, leave=False,
+               bar_format="{desc}: {n:.0f} s of audio [{elapsed}]")
+    finished, failed, next_out = {}, 0, 0
 
-        def progress(done: float, total: Optional[float]) -> None:
-            if total and bar.total != round(total):
-                bar.total = round(total)
-            bar.n = round(done) if not total else min(round(done), round(total))
-            bar.refresh()
+    def advance(seconds: float) -> None:
+        bar.n = max(bar.n + seconds, 0.0)
+        bar.refresh()
 
-        try:
-            result = transcribe(model, path, delay_ms=args.delay_ms, temperature=args.temperature,
-                                max_tokens=args.max_tokens, progress=progress)
-        except VoxtralError as e:
-            bar.close()
-            print(f"{PROG}: error: {path}: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    try:
+        for r in transcribe_many(model, files, progress=advance, **options):
+            if not r.ok:
+                failed += 1
+                bar.write(f"{PROG}: error: {files[r.index]}: {r.error}", file=sys.stderr)
+            finished[r.index] = r
+            while next_out in finished:
+                done = finished.pop(next_out)
+                if done.ok:
+                    sys.stdout.write(render(done.result, "txt"))
+                    sys.stdout.flush()
+                next_out += 1
+    finally:
         bar.close()
-        text = render(result, args.format)
-        if args.output_dir is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            target = out_dir / f"{Path(path).stem}.{args.format}"
-            target.write_text(text, encoding="utf-8")
-            if not args.quiet:
-                print(f"{path} -> {target} ({result.audio_duration:.1f} s of audio, "
-                      f"RTFx {result.rtfx:.2f})", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -93,14 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("transcribe", help="transcribe audio files", description="Transcribe audio files.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, mp3, m4a, ogg, webm, ...)")
+    p = sub.add_parser("transcribe", help="transcribe audio files, folders of them, archives",
+                       description="Transcribe audio files: one, or a whole archive (resumable; "
+                                   "under mlx.launch, shared out among the processes).")
+    p.add_argument("files", nargs="+", metavar="INPUT",
+                   help="an audio file (wav, flac, mp3, m4a, ogg, webm, ...), a folder (its audio files, "
+                        "recursively), a glob pattern ('talks/**/*.mp3') or @list.txt (one input per line)")
     add_model_args(p)
     add_decoding_args(p)
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many text tokens")
     p.add_argument("--format", choices=FORMATS, default="txt", help="output format (default: txt)")
     p.add_argument("--output-dir", default=None,
-                   help="write FILE's transcript to DIR/<name>.<format> (default: print to stdout)")
+                   help="write each transcript to DIR/<path relative to the inputs' common folder>.<format> "
+                        "(default: print the text to stdout)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip files whose output exists in --output-dir (outputs are written whole or not at all)")
+    p.add_argument("--log", default=None, metavar="FILE",
+                   help=f"the job log, JSON lines appended (default: OUTPUT_DIR/{LOG_NAME})")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="files decoded together in one batch (default: 4)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="threads decoding audio ahead of the model (default: 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or status lines")
     p.set_defaults(run=_transcribe)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Union
@@ -78,4 +79,21 @@ def render(result, fmt: str) -> str:
 def write(result, path: Union[str, Path], fmt: str) -> Path:
     path = Path(path)
     path.write_text(render(result, fmt), encoding="utf-8")
+    return path
+
+
+def write_atomic(path: Union[str, Path], text: str) -> Path:
+    """Write ``text`` to ``path`` so that ``path`` is either absent or complete: the text goes
+    to a hidden temporary file beside it, which is then renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
