@@ -10,9 +10,10 @@ with ``transcribe_many`` and write their own outputs; rank 0 gathers the job log
 
 from __future__ import annotations
 
+import collections
 import glob
+import itertools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +35,16 @@ AUDIO_EXTENSIONS = frozenset(
 LOG_NAME = "voxtral-job.jsonl"
 
 
-def collect(inputs: list[str]) -> list[Path]:
+@dataclass(frozen=True)
+class Found:
+    """An audio file of a job, and its name in the job: its path relative to the folder (or
+    the fixed part of the glob) that found it; its file name when it was named itself."""
+
+    path: Path
+    name: Path
+
+
+def collect(inputs: list[str]) -> list[Found]:
     """The audio files ``inputs`` name, in order, each once.
 
     Each input is a file; a folder (its audio files, recursively, sorted); a glob pattern
@@ -44,8 +54,12 @@ def collect(inputs: list[str]) -> list[Path]:
     Raises ``VoxtralError`` for an input that names nothing (a missing file, a pattern that
     matches nothing, a folder without audio, an empty list).
     """
-    seen: dict[Path, None] = {}
+    seen: dict[Path, Found] = {}
     missing = []
+
+    def found(path: Path, root: Optional[Path]) -> None:
+        path = path.absolute()
+        seen.setdefault(path, Found(path, path.relative_to(root.absolute()) if root else Path(path.name)))
 
     def add(item: str, base: Optional[Path] = None) -> None:
         if item.startswith("@"):
@@ -61,19 +75,20 @@ def collect(inputs: list[str]) -> list[Path]:
             return
         path = Path(item) if base is None or Path(item).is_absolute() else base / item
         if path.is_file():
-            seen.setdefault(path.absolute(), None)
+            found(path, None)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-            if not found:
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+            if not files:
                 raise VoxtralError(f"no audio files in {path}")
-            for p in found:
-                seen.setdefault(p.absolute(), None)
+            for p in files:
+                found(p, path)
         elif glob.has_magic(str(path)):
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not found:
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not files:
                 raise VoxtralError(f"no files match {item}")
-            for p in found:
-                seen.setdefault(p.absolute(), None)
+            fixed = Path(*[part for part in itertools.takewhile(lambda p: not glob.has_magic(p), path.parts)])
+            for p in files:
+                found(p, fixed)
         else:
             missing.append(str(path))
 
@@ -81,24 +96,26 @@ def collect(inputs: list[str]) -> list[Path]:
         add(item)
     if missing:
         raise VoxtralError(f"no such file: {', '.join(missing)}")
-    return list(seen)
+    return list(seen.values())
 
 
-def outputs(files: list[Path], out_dir: Path, fmt: str) -> list[Path]:
-    """Where each file's transcript goes: its path relative to the files' common folder,
-    under ``out_dir``, with the format's extension (``talks/a.mp3`` -> ``D/talks/a.txt``).
-    Files whose names would collide (``a.wav`` beside ``a.mp3``) keep their extension
-    (``a.wav.txt``)."""
-    if not files:
-        return []
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    rel = [f.relative_to(root) for f in files]
-    stems = [r.with_suffix("") for r in rel]
-    counts: dict[Path, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    return [out_dir / (s if counts[s] == 1 else r).with_name(f"{(s if counts[s] == 1 else r).name}.{fmt}")
-            for r, s in zip(rel, stems)]
+def outputs(files: list[Found], out_dir: Path, fmt: str) -> list[Path]:
+    """Where each file's transcript goes: its name in the job under ``out_dir``, with the
+    format's extension (``talks/`` finds ``2024/a.mp3``: ``D/2024/a.txt``). Files whose
+    transcripts would collide (``a.wav`` beside ``a.mp3``) keep their extension (``a.wav.txt``).
+
+    Raises ``VoxtralError`` when two files have the same name in the job (``x/a.wav`` and
+    ``y/a.wav`` given as two folders): name their common folder instead.
+    """
+    stems = [f.name.with_suffix("") for f in files]
+    counts = collections.Counter(stems)
+    names = [s if counts[s] == 1 else f.name for f, s in zip(files, stems)]
+    clashes = [n for n, c in collections.Counter(names).items() if c > 1]
+    if clashes:
+        paths = [str(f.path) for f, n in zip(files, names) if n in clashes]
+        raise VoxtralError(f"these files would write the same output: {', '.join(paths)}; "
+                           "give their common folder as the input instead")
+    return [out_dir / n.with_name(f"{n.name}.{fmt}") for n in names]
 
 
 def shard(durations: list[float], size: int) -> list[list[int]]:
@@ -166,7 +183,7 @@ class JobSummary:
 
 def run_job(
     model,
-    files: list[Path],
+    found: list[Found],
     out_dir: Path,
     fmt: str,
     *,
@@ -179,7 +196,7 @@ def run_job(
     status: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     **options,
 ) -> JobSummary:
-    """Transcribe ``files`` into ``out_dir`` (see the module docstring); returns this job's
+    """Transcribe the ``found`` files into ``out_dir`` (see the module docstring); returns this job's
     counts over all ranks. ``options`` go to ``transcribe_many``.
 
     Each output is written atomically (a complete file or none, also on Ctrl-C or a kill);
@@ -194,7 +211,8 @@ def run_job(
     from .generate import transcribe_many
 
     ranks = ranks or Ranks()
-    targets = outputs(files, out_dir, fmt)
+    targets = outputs(found, out_dir, fmt)
+    files = [f.path for f in found]
     log_path = log_path or out_dir / LOG_NAME
     n = len(files)
     present = np.array([resume and t.is_file() for t in targets], np.int32)

@@ -35,7 +35,7 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _transcribe(args) -> int:
-    from .archive import Ranks, collect, run_job
+    from .archive import Ranks, collect, outputs, run_job
 
     files = collect(args.files)
     ranks = Ranks.init()
@@ -46,8 +46,9 @@ def _transcribe(args) -> int:
             raise VoxtralError("--resume needs --output-dir (it skips files whose output exists)")
         if ranks.size > 1:
             raise VoxtralError(f"{ranks.size} processes need --output-dir: each writes its own files there")
-        return _transcribe_to_stdout(load_model(args), files, args.quiet, options)
+        return _transcribe_to_stdout(load_model(args), [f.path for f in files], args.format, args.quiet, options)
     out_dir = Path(args.output_dir)
+    outputs(files, out_dir, args.format)  # clashing names fail before the model loads
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(args, quiet=args.quiet or ranks.rank != 0)
     try:
@@ -64,7 +65,7 @@ def _transcribe(args) -> int:
     return 1 if summary.failed else 0
 
 
-def _transcribe_to_stdout(model, files: list, quiet: bool, options: dict) -> int:
+def _transcribe_to_stdout(model, files: list, fmt: str, quiet: bool, options: dict) -> int:
     """Each file's text on stdout, in the order given (files finish out of order)."""
     from tqdm import tqdm
 
@@ -87,7 +88,7 @@ def _transcribe_to_stdout(model, files: list, quiet: bool, options: dict) -> int
             while next_out in finished:
                 done = finished.pop(next_out)
                 if done.ok:
-                    sys.stdout.write(render(done.result, "txt"))
+                    sys.stdout.write(render(done.result, fmt))
                     sys.stdout.flush()
                 next_out += 1
     finally:

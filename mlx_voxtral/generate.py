@@ -459,6 +459,7 @@ class _File:
         self.start = time.perf_counter()
         self.session: Optional[Session] = None
         self.reader: Optional[_Reader] = None
+        self.joined = False  # in the batch (from its first block on, as ``transcribe`` starts)
 
 
 def transcribe_many(
@@ -498,12 +499,13 @@ def transcribe_many(
         f.attempts += 1
         f.session = _session(model, delay_ms, temperature, seed, max_tokens)
         f.reader = _Reader(f.source, pool)
-        batch.add(f.session)
+        f.joined = False
         active.append(f)
 
     def stop(f: _File) -> None:
         active.remove(f)
-        batch.remove(f.session)
+        if f.joined:
+            batch.remove(f.session)
         f.reader.close()
 
     def finished(f: _File, error: Optional[BaseException]) -> Optional[FileResult]:
@@ -526,7 +528,7 @@ def transcribe_many(
                 # ``transcribe`` does), so at most two blocks per audio are in memory
                 for f in list(active):
                     s = f.session
-                    if s.finished or s.done or s.stream.pending_tokens() or not f.reader.ready():
+                    if s.finished or s.done or (f.joined and s.stream.pending_tokens()) or not f.reader.ready():
                         continue
                     try:
                         block = f.reader.take()
@@ -534,6 +536,9 @@ def transcribe_many(
                             s.finish()
                         else:
                             s.push(block)
+                            if not f.joined:
+                                batch.add(s)
+                                f.joined = True
                             if progress is not None:
                                 progress(block.shape[0] / model.tokenizer.sample_rate)
                     except Exception as e:  # unreadable audio: this file fails, the others go on

@@ -4,7 +4,6 @@ resumed after a kill and shared out among processes by ``mlx.launch``."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import SENTENCES, espeak
-from test_cli import cli
+from test_cli import cli, user_env
 
 import mlx_voxtral
-from mlx_voxtral.archive import collect, outputs, shard
+from mlx_voxtral.archive import Found, collect, outputs, shard
 from mlx_voxtral.exceptions import InvalidRequestError, VoxtralError
 from mlx_voxtral.generate import transcribe_many
 
@@ -27,8 +26,10 @@ def test_collect_folders_globs_and_lists(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "list.txt").write_text("# the rest\nb.mp3\n\n  c.ogg\nb.mp3\n")
     got = collect([str(tmp_path / "a"), f"@{tmp_path / 'list.txt'}", str(tmp_path / "*.mp3")])
-    assert got == [tmp_path / "a/1.wav", tmp_path / "a/deep/2.flac", tmp_path / "b.mp3", tmp_path / "c.ogg"]
-    assert collect([str(tmp_path / "**" / "*.flac")]) == [tmp_path / "a/deep/2.flac"]
+    assert [f.path for f in got] == [tmp_path / p for p in ("a/1.wav", "a/deep/2.flac", "b.mp3", "c.ogg")]
+    assert [str(f.name) for f in got] == ["1.wav", "deep/2.flac", "b.mp3", "c.ogg"]  # relative to what found it
+    assert [(f.path, str(f.name)) for f in collect([str(tmp_path / "**" / "*.flac")])] == [
+        (tmp_path / "a/deep/2.flac", "a/deep/2.flac")]
     (tmp_path / "empty").mkdir()
     (tmp_path / "blank.txt").write_text("# nothing\n")
     for inputs, message in (([str(tmp_path / "nope.wav")], "no such file"),
@@ -41,9 +42,12 @@ def test_collect_folders_globs_and_lists(tmp_path):
 
 
 def test_outputs_mirror_the_tree_and_never_collide(tmp_path):
-    files = [tmp_path / "x/talk.wav", tmp_path / "x/talk.mp3", tmp_path / "x/y/talk.wav", tmp_path / "x/z.flac"]
+    files = [Found(Path("/x/talk.wav"), Path("talk.wav")), Found(Path("/x/talk.mp3"), Path("talk.mp3")),
+             Found(Path("/x/y/talk.wav"), Path("y/talk.wav")), Found(Path("/elsewhere/z.flac"), Path("z.flac"))]
     assert outputs(files, Path("/out"), "srt") == [
         Path("/out/talk.wav.srt"), Path("/out/talk.mp3.srt"), Path("/out/y/talk.srt"), Path("/out/z.srt")]
+    with pytest.raises(VoxtralError, match="would write the same output: /a/t.wav, /b/t.wav"):
+        outputs([Found(Path("/a/t.wav"), Path("t.wav")), Found(Path("/b/t.wav"), Path("t.wav"))], Path("/o"), "txt")
 
 
 def test_shard_balances_audio_longest_first():
@@ -128,10 +132,9 @@ def test_mlx_launch_shares_the_job_out(archive, tiny_checkpoint, one_process, tm
     transcribed exactly once, by one of the two ranks, and one log gathered by rank 0."""
     launcher = Path(sys.executable).parent / "mlx.launch"
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "MLX_VOXTRAL_BACKEND"}
     r = subprocess.run([str(launcher), "-n", "2", "--", sys.executable, "-m", "mlx_voxtral", "transcribe",
                         str(archive), "--model", str(tiny_checkpoint), "--output-dir", str(out), "--format", "json"],
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=300, env=user_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert read_outputs(out) == one_process
     log = read_log(out)
@@ -149,8 +152,7 @@ def test_interrupted_job_resumes(sig, archive, tiny_checkpoint, one_process, tmp
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mlx_voxtral", "transcribe", str(archive), "--model", str(tiny_checkpoint),
             "--output-dir", str(out), "--format", "json", "--batch-size", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "MLX_VOXTRAL_BACKEND"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=user_env())
     deadline = time.monotonic() + 240
     while not list(out.rglob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
