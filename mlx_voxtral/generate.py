@@ -418,38 +418,56 @@ def transcribe(
     return result(session)
 
 
-class _Reader:
-    """One audio's blocks, decoded in a worker thread one block ahead of the model."""
+class Blocks:
+    """Audio blocks for a decode loop that must not wait for them: ``poll()`` never blocks.
 
-    def __init__(self, source: AudioSource, pool: ThreadPoolExecutor):
+    An iterator is advanced on ``pool`` one block ahead; ``poll()`` returns the next block
+    when it is ready, ``None`` while it is not (or at the end: then ``done`` is True), and
+    raises what decoding raised. ``pending`` is the decoding under way (None when none), for
+    a loop with nothing else to do to wait on. Without a pool, ``poll()`` decodes in place.
+    """
+
+    def __init__(self, blocks: Iterable[np.ndarray], pool: Optional[ThreadPoolExecutor] = None):
+        self._blocks = iter(blocks)
         self._pool = pool
-        self._blocks = None
-        self._future = pool.submit(self._open, source)
-
-    def _open(self, source: AudioSource):
-        self._blocks = iter_audio(source, block_seconds=BLOCK_SECONDS)
-        return next(self._blocks)
+        self._future: Optional[concurrent.futures.Future] = None
+        self.done = False
 
     def _next(self):
         return next(self._blocks, None)
 
     @property
-    def future(self) -> concurrent.futures.Future:
+    def pending(self) -> Optional[concurrent.futures.Future]:
         return self._future
 
-    def ready(self) -> bool:
-        return self._future.done()
-
-    def take(self) -> Optional[np.ndarray]:
-        """The next block (None: the audio ended); raises the decoder's error. Starts decoding
-        the block after it."""
-        block = self._future.result()
-        self._future = self._pool.submit(self._next) if block is not None else None
+    def poll(self) -> Optional[np.ndarray]:
+        if self.done:
+            return None
+        if self._pool is None:
+            block = self._next()
+        else:
+            if self._future is None:
+                self._future = self._pool.submit(self._next)
+            if not self._future.done():
+                return None
+            block, self._future = self._future.result(), None
+        if block is None:
+            self.done = True
+        elif self._pool is not None:
+            self._future = self._pool.submit(self._next)  # decode the next block meanwhile
         return block
 
     def close(self) -> None:
         if self._future is not None:
             self._future.cancel()
+        close = getattr(self._blocks, "close", None)
+        if close is not None and (self._future is None or self._future.done()):
+            close()
+
+
+def _decoded(source: AudioSource) -> Iterator[np.ndarray]:
+    """``source``'s 16 kHz blocks, the file opened on the first ``next`` (in a worker)."""
+    yield from iter_audio(source, block_seconds=BLOCK_SECONDS)
 
 
 class _File:
@@ -458,7 +476,7 @@ class _File:
         self.attempts = 0
         self.start = time.perf_counter()
         self.session: Optional[Session] = None
-        self.reader: Optional[_Reader] = None
+        self.blocks: Optional[Blocks] = None
         self.joined = False  # in the batch (from its first block on, as ``transcribe`` starts)
 
 
@@ -498,7 +516,7 @@ def transcribe_many(
     def start(f: _File) -> None:
         f.attempts += 1
         f.session = _session(model, delay_ms, temperature, seed, max_tokens)
-        f.reader = _Reader(f.source, pool)
+        f.blocks = Blocks(_decoded(f.source), pool)
         f.joined = False
         active.append(f)
 
@@ -506,7 +524,7 @@ def transcribe_many(
         active.remove(f)
         if f.joined:
             batch.remove(f.session)
-        f.reader.close()
+        f.blocks.close()
 
     def finished(f: _File, error: Optional[BaseException]) -> Optional[FileResult]:
         stop(f)
@@ -528,12 +546,13 @@ def transcribe_many(
                 # ``transcribe`` does), so at most two blocks per audio are in memory
                 for f in list(active):
                     s = f.session
-                    if s.finished or s.done or (f.joined and s.stream.pending_tokens()) or not f.reader.ready():
+                    if s.finished or s.done or (f.joined and s.stream.pending_tokens()):
                         continue
                     try:
-                        block = f.reader.take()
+                        block = f.blocks.poll()
                         if block is None:
-                            s.finish()
+                            if f.blocks.done:
+                                s.finish()
                         else:
                             s.push(block)
                             if not f.joined:
@@ -551,12 +570,12 @@ def transcribe_many(
                     if r is not None:
                         yield r
                 if not progressed and not done:
-                    waiting = [f.reader.future for f in active if f.reader.future is not None]
+                    waiting = [f.blocks.pending for f in active if f.blocks.pending is not None]
                     if waiting:
                         concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         finally:
             for f in active:
-                f.reader.close()
+                f.blocks.close()
 
 
 def stream_transcribe(

@@ -6,8 +6,9 @@ Routes:
   answered with ``chat.completion`` or, with ``stream: true``, server-sent chunks.
 * ``POST /v1/audio/transcriptions``: OpenAI's multipart upload; ``response_format`` json,
   text, srt, vtt or verbose_json; ``stream=true`` gives ``transcript.text.delta`` events.
-* ``WS /v1/realtime``: live audio in (base64 PCM16 16 kHz), ``transcription.delta`` out, as
-  vLLM serves Voxtral Realtime.
+* ``WS /v1/realtime``: live transcription in vLLM's dialect or OpenAI's Realtime API
+  (transcription sessions, GA and beta); ``WS /v1/audio/transcriptions/realtime``: Mistral's
+  realtime transcription API (``server.realtime``, one module per dialect).
 * ``GET /v1/models``, ``GET /health``.
 
 This module only parses, validates and shapes; all model work is the engine's. Errors are
@@ -42,8 +43,6 @@ given to ``create_app``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import hmac
@@ -52,7 +51,6 @@ import itertools
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Iterator, Optional
 
@@ -64,10 +62,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from ..audio import SAMPLE_RATE, iter_audio
-from ..audio_url import AudioTooLargeError, FetchError, ForbiddenSourceError, SourcePolicy
+from ..audio_url import AudioTooLargeError, SourcePolicy
 from ..chat import (
     PART_SEPARATOR,
     Usage,
@@ -78,93 +76,27 @@ from ..chat import (
     completion_response,
     finish_reason,
 )
-from ..exceptions import (
-    AudioError,
-    AudioTooLongError,
-    InvalidRequestError,
-    UnsupportedAudioFormatError,
-    VoxtralError,
-)
+from ..exceptions import AudioError, AudioTooLongError, VoxtralError
 from ..results import DeltaText, Failed, Finished, PartDone
 from ..validate import check_seed, check_temperature
 from ..writers import render
 from . import BODY_TIMEOUT, LIVE_BACKLOG_SECONDS, LIVE_IDLE_TIMEOUT, MAX_AUDIO_SECONDS
-from .engine import (
-    FEED_SECONDS,
-    Engine,
-    EngineClosedError,
-    Job,
-    QueueFullError,
-    RequestTimeoutError,
-)
+from .errors import APIError, api_error
+from .realtime.core import event_id, now
+from .realtime.mistral import MistralSession
+from .realtime.openai import OpenAISession
+from .realtime.vllm import VLLMSession
+from .engine import FEED_SECONDS, Engine, Job
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_CAP = 100_000
-RETRY_AFTER_SECONDS = 1
 CHAT_MAX_TEMPERATURE = 2.0  # OpenAI's bounds
 TRANSCRIPTION_MAX_TEMPERATURE = 1.0
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MIN_AUDIO_SAMPLES = 160  # 10 ms: less is no speech (and a sign of a truncated file)
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
-
-
-# errors ---------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered with ``status`` and an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
-               413: "request_too_large"}
-
-
-def api_error(exc: BaseException) -> APIError:
-    """The HTTP error for an exception raised while serving a request: the client's fault
-    with its message and ``param``, anything else a 500 that says nothing about internals."""
-    if isinstance(exc, APIError):
-        return exc
-    param = getattr(exc, "param", None)
-    if isinstance(exc, HTTPException):
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = exc.detail if exc.status_code < 500 else "internal server error"
-        return APIError(exc.status_code, message, kind, code=_HTTP_CODES.get(exc.status_code), headers=exc.headers)
-    if isinstance(exc, QueueFullError):
-        return APIError(429, str(exc), "rate_limit_error", code="server_busy",
-                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(exc, RequestTimeoutError):
-        return APIError(504, str(exc), "timeout_error", code="timeout")
-    if isinstance(exc, EngineClosedError):
-        return APIError(503, str(exc), "server_error", code="shutting_down")
-    if isinstance(exc, AudioTooLargeError):
-        return APIError(413, str(exc), param=param, code="request_too_large")
-    if isinstance(exc, ForbiddenSourceError):
-        return APIError(403, str(exc), "permission_error", param=param, code="forbidden_source")
-    if isinstance(exc, FetchError):
-        return APIError(400, exc.public, param=param, code="fetch_failed")
-    if isinstance(exc, UnsupportedAudioFormatError):
-        return APIError(415, str(exc), param=param, code="unsupported_audio_format")
-    if isinstance(exc, AudioTooLongError):
-        return APIError(400, str(exc), param=param, code="audio_too_long")
-    if isinstance(exc, AudioError):
-        return APIError(400, str(exc), param=param, code="invalid_audio")
-    if isinstance(exc, VoxtralError):
-        return APIError(400, str(exc), param=param, code="invalid_request")
-    log.error("internal error", exc_info=exc)
-    return APIError(500, "internal server error", "server_error")
 
 
 def guarded(handler):
@@ -614,63 +546,60 @@ class VoxtralAPI:
         host = websocket.headers.get("host", "").lower()
         return bool(host) and origin in (f"http://{host}", f"https://{host}")
 
-    async def realtime(self, websocket: WebSocket) -> None:
-        """OpenAI-Realtime-style transcription over a websocket (vLLM's Voxtral protocol).
-
-        Client events: ``session.update`` (``model``; optional ``delay_ms``, top level or
-        under ``session``), ``input_audio_buffer.append`` (``audio``: base64 PCM16 LE mono
-        16 kHz), ``input_audio_buffer.commit`` (``final: true`` ends the audio). Server
-        events: ``session.created``, ``transcription.delta``, ``transcription.done`` (with
-        ``usage``) and ``error``. After ``transcription.done`` the next append starts a new
-        transcription on the same connection.
-
-        Limits: a session that sends nothing for ``live_idle_timeout`` seconds while it has
-        no transcription to wait for, or appends more than ``max_live_seconds`` of audio, is
-        told so and closed (1008); beyond ``max_live`` live sessions, a new one is told to
-        retry (1013). Audio more than ``live_backlog_seconds`` ahead of the decoder pauses
-        reading the socket (the client's sends block) until the decoder catches up.
-        """
+    async def _open_live(self, websocket: WebSocket) -> bool:
+        """Authorize and accept a realtime websocket; False when it was refused."""
         if not self._authorized(websocket.headers):
-            return await _deny(websocket, APIError(401, "invalid or missing API key", code="invalid_api_key"))
+            await _deny(websocket, APIError(401, "invalid or missing API key", code="invalid_api_key"))
+            return False
         if not self._origin_allowed(websocket):
-            return await _deny(websocket, APIError(403, "this origin may not open a realtime session",
-                                                   "permission_error", code="forbidden_origin"))
+            await _deny(websocket, APIError(403, "this origin may not open a realtime session",
+                                            "permission_error", code="forbidden_origin"))
+            return False
         await websocket.accept()
-        await websocket.send_json({"type": "session.created", "id": f"sess-{uuid.uuid4().hex}",
-                                   "created": int(time.time())})
-        session = _LiveSession(self, websocket)
-        try:
-            await session.run()
-        except (WebSocketDisconnect, RuntimeError):  # the client went away mid-send
-            pass
-        except Exception as e:  # noqa: BLE001 - a fault of ours: say so, close, keep serving
-            log.error("realtime session failed", exc_info=e)
-            with contextlib.suppress(Exception):
-                await session.close_with(APIError(500, "internal server error", "server_error"), 1011)
-        finally:
-            session.stop()
+        return True
 
-    def _session_delay(self, event: dict, delay_ms):
-        session = event.get("session") if isinstance(event.get("session"), dict) else event
-        model = event.get("model", session.get("model"))
-        if model is not None and not isinstance(model, str):
-            raise InvalidRequestError("'model' must be a string", "model")
-        delay = session.get("delay_ms", delay_ms)
-        self.engine.model.tokenizer.check_delay(delay)
-        return delay
+    async def realtime(self, websocket: WebSocket) -> None:
+        """``/v1/realtime``: vLLM's dialect, or OpenAI's transcription sessions (GA or beta),
+        as the client's first session event (or ``?intent=transcription``) says; see
+        ``server.realtime``.
 
-    def _pcm16(self, audio) -> np.ndarray:
-        if not isinstance(audio, str):
-            raise InvalidRequestError("input_audio_buffer.append needs 'audio': base64 PCM16 data", "audio")
-        if len(audio) * 3 // 4 > self.max_upload_bytes:
-            raise InvalidRequestError(f"the audio chunk exceeds {self.max_upload_bytes} bytes", "audio")
-        try:
-            data = base64.b64decode(audio, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequestError("'audio' is not valid base64", "audio") from None
-        if not data or len(data) % 2:
-            raise InvalidRequestError("'audio' must be a non-empty whole number of 16-bit samples", "audio")
-        return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+        Limits (every dialect): a session that sends nothing for ``live_idle_timeout``
+        seconds while it has no transcription to wait for, or appends more than
+        ``max_live_seconds`` of audio, is told so and closed (1008); beyond ``max_live``
+        live sessions, a new one is told to retry (1013). Audio more than
+        ``live_backlog_seconds`` ahead of the decoder pauses reading the socket (the
+        client's sends block) until the decoder catches up.
+        """
+        if not await self._open_live(websocket):
+            return
+        openai = websocket.query_params.get("intent") == "transcription"
+        session = OpenAISession(self, websocket) if openai else VLLMSession(self, websocket)
+        created = {"type": "session.created", "event_id": event_id(), "id": session.id, "created": now(),
+                   "session": {"type": "transcription", "id": session.id,
+                               "object": "realtime.transcription_session"}}
+        if openai:
+            created["session"] = session.describe()
+        await websocket.send_json(created)
+        first = None
+        if not openai:  # the first session event says which dialect the client speaks
+            first = await session.next_event()
+            if first is None:
+                return
+            kind, body = first.get("type"), first.get("session")
+            if kind == "transcription_session.update" or (
+                    kind == "session.update" and isinstance(body, dict) and ("type" in body or "audio" in body)):
+                session = OpenAISession(self, websocket, beta=kind == "transcription_session.update")
+        await session.run(first)
+
+    async def mistral_realtime(self, websocket: WebSocket) -> None:
+        """``/v1/audio/transcriptions/realtime``: Mistral's realtime transcription API (see
+        ``server.realtime.mistral``), with the limits of ``realtime``."""
+        if not await self._open_live(websocket):
+            return
+        model = websocket.query_params.get("model")
+        session = MistralSession(self, websocket, model)
+        await websocket.send_json({"type": "session.created", "session": session.describe()})
+        await session.run()
 
 
 async def _deny(websocket: WebSocket, error: APIError) -> None:
@@ -680,137 +609,6 @@ async def _deny(websocket: WebSocket, error: APIError) -> None:
         await websocket.send_denial_response(error.response())
     except RuntimeError:
         await websocket.close(code=1008)
-
-
-class _LiveSession:
-    """One realtime websocket: its events in, its jobs' events out, its limits."""
-
-    def __init__(self, api: VoxtralAPI, websocket: WebSocket):
-        self.api, self.websocket = api, websocket
-        self.job: Optional[Job] = None  # the transcription receiving audio
-        self.tasks: set[asyncio.Task] = set()  # forwarding finished transcriptions' events
-        self.delay_ms = None
-        self.samples = 0  # appended over the whole session
-
-    async def error(self, message: str, code: Optional[str], kind: str = "invalid_request_error",
-                    param: Optional[str] = None) -> None:
-        await self.websocket.send_json({"type": "error", "error": {
-            "message": message, "type": kind, "param": param, "code": code}})
-
-    def stop(self) -> None:
-        if self.job is not None:
-            self.job.cancel()
-            self.job = None
-        for task in list(self.tasks):
-            task.cancel()
-
-    async def close_with(self, error: APIError, code: int) -> None:
-        """Stop everything, send ``error`` as the last event, close with ``code``."""
-        self.stop()
-        await self.error(error.message, error.code, error.type, error.param)
-        await self.websocket.close(code=code)
-
-    async def receive(self) -> Optional[dict]:
-        """The next message, or None after an idle timeout (then the session is closed)."""
-        idle = self.api.live_idle_timeout
-        waiting = self.job is None and self.tasks  # a transcription is finishing: not idle
-        if idle is None or waiting:
-            return await self.websocket.receive()
-        try:
-            return await asyncio.wait_for(self.websocket.receive(), idle)
-        except asyncio.TimeoutError:
-            await self.close_with(APIError(400, f"no event for {idle:g} s: the session is closed",
-                                           code="idle_timeout"), 1008)
-            return None
-
-    async def run(self) -> None:
-        while True:
-            message = await self.receive()
-            if message is None or message["type"] == "websocket.disconnect":
-                return
-            if message.get("text") is None:
-                await self.error("send JSON text messages, not binary frames", "invalid_event")
-                continue
-            try:
-                event = json.loads(message["text"])
-            except (ValueError, RecursionError):
-                await self.error("the message is not valid JSON", "invalid_json")
-                continue
-            if not isinstance(event, dict):
-                await self.error("an event must be a JSON object with a 'type'", "invalid_request")
-                continue
-            try:
-                if not await self.handle(event):
-                    return
-            except QueueFullError as e:
-                await self.close_with(APIError(429, str(e), "rate_limit_error", code="server_busy"), 1013)
-                return
-            except VoxtralError as e:
-                await self.error(str(e), "invalid_request", param=e.param)
-
-    async def handle(self, event: dict) -> bool:
-        """Act on one client event; False when the session has been closed."""
-        api, kind = self.api, event.get("type")
-        if kind == "session.update":
-            if self.job is not None:
-                raise InvalidRequestError("session.update is not allowed while audio is streaming")
-            self.delay_ms = api._session_delay(event, self.delay_ms)
-        elif kind == "input_audio_buffer.append":
-            samples = api._pcm16(event.get("audio"))
-            limit = api.max_live_seconds
-            if limit is not None and self.samples + samples.shape[0] > limit * SAMPLE_RATE:
-                await self.close_with(APIError(400, f"the session's audio passed the server's {limit:g} s limit",
-                                               code="session_too_long"), 1008)
-                return False
-            job = self.start()
-            self.samples += samples.shape[0]
-            job.append(samples)
-            while job.backlog > api.live_backlog_seconds and not (job.closed or job.cancelled):
-                await asyncio.sleep(0.02)  # backpressure: the socket is not read meanwhile
-        elif kind == "input_audio_buffer.commit":
-            job = self.start()
-            if event.get("final"):
-                job.finish()
-                self.job = None
-        else:
-            await self.error(f"unknown event type {str(kind)[:64]!r}", "unknown_event")
-        return True
-
-    def start(self) -> Job:
-        """The transcription receiving audio, started (with its engine place) if need be."""
-        if self.job is not None and (self.job.closed or self.job.cancelled):  # it failed (and said so)
-            self.job = None
-        if self.job is None:
-            ticket = self.api.engine.reserve(live=True)
-            self.job = self.api.engine.start_live(delay_ms=self.delay_ms, ticket=ticket)
-            task = asyncio.create_task(self.forward(self.job))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        return self.job
-
-    async def forward(self, job: Job) -> None:
-        """A live job's events to the websocket."""
-        text = DeltaText()
-        try:
-            while True:
-                event = await job.next_event()
-                piece = text.add(event)
-                if piece:
-                    await self.websocket.send_json({"type": "transcription.delta", "delta": piece})
-                elif isinstance(event, Finished):
-                    u = Usage.from_results(event.results)
-                    await self.websocket.send_json({"type": "transcription.done", "text": event.results[0].text,
-                                                    "usage": {"prompt_tokens": u.prompt_tokens,
-                                                              "completion_tokens": u.completion_tokens,
-                                                              "total_tokens": u.total_tokens}})
-                    return
-                elif isinstance(event, Failed):
-                    await self.websocket.send_json({"type": "error", **api_error(event.error).body()})
-                    return
-        except (WebSocketDisconnect, RuntimeError):  # the client is gone
-            pass
-        finally:
-            job.cancel()
 
 
 def create_app(
@@ -882,6 +680,7 @@ def create_app(
             Route("/v1/chat/completions", guarded(api.chat_completions), methods=["POST"]),
             Route("/v1/audio/transcriptions", guarded(api.transcriptions), methods=["POST"]),
             WebSocketRoute("/v1/realtime", api.realtime),
+            WebSocketRoute("/v1/audio/transcriptions/realtime", api.mistral_realtime),
         ],
         exception_handlers={HTTPException: _api_error_handler, Exception: _api_error_handler},
         lifespan=lifespan,

@@ -39,7 +39,7 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Union
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from ..audio import SAMPLE_RATE
 from ..exceptions import VoxtralError
-from ..generate import Batch, result, wired_limit
+from ..generate import Batch, Blocks, result, wired_limit
 from ..results import Failed, Finished, PartDone
 from ..sample import Sampler
 from ..session import Session
@@ -88,48 +88,6 @@ def array_blocks(audio: np.ndarray, seconds: float = FEED_SECONDS) -> Iterator[n
     """``audio`` in blocks of ``seconds``."""
     n = int(seconds * SAMPLE_RATE)
     return (audio[i : i + n] for i in range(0, audio.shape[0], n))
-
-
-class Blocks:
-    """A part's audio for the engine thread: ``poll()`` never blocks.
-
-    An iterator is advanced on ``pool`` one block ahead; ``poll()`` returns the next block
-    when it is ready, ``None`` while it is not (or at the end: then ``done`` is True), and
-    raises what decoding raised.
-    """
-
-    def __init__(self, blocks: Iterable[np.ndarray], pool: Optional[ThreadPoolExecutor] = None):
-        self._blocks = iter(blocks)
-        self._pool = pool
-        self._future: Optional[Future] = None
-        self.done = False
-
-    def _next(self):
-        return next(self._blocks, None)
-
-    def poll(self) -> Optional[np.ndarray]:
-        if self.done:
-            return None
-        if self._pool is None:
-            block = self._next()
-        else:
-            if self._future is None:
-                self._future = self._pool.submit(self._next)
-            if not self._future.done():
-                return None
-            block, self._future = self._future.result(), None
-        if block is None:
-            self.done = True
-        elif self._pool is not None:
-            self._future = self._pool.submit(self._next)  # decode the next block meanwhile
-        return block
-
-    def close(self) -> None:
-        if self._future is not None:
-            self._future.cancel()
-        close = getattr(self._blocks, "close", None)
-        if close is not None and (self._future is None or self._future.done()):
-            close()
 
 
 def waiting_samples(session: Session) -> int:

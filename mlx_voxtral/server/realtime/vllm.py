@@ -1,0 +1,52 @@
+"""vLLM's Voxtral realtime dialect.
+
+Client events: ``session.update`` (``model``; optional ``delay_ms``, top level or under
+``session``), ``input_audio_buffer.append`` (``audio``: base64 PCM16 LE mono 16 kHz),
+``input_audio_buffer.commit`` (``final: true`` ends the audio). Server events:
+``session.created``, ``transcription.delta``, ``transcription.done`` (with ``usage``) and
+``error``. After ``transcription.done`` the next append starts a new transcription on the
+same connection.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ...chat import Usage
+from ...exceptions import InvalidRequestError
+from ...results import Transcription
+from ..errors import APIError
+from .core import LiveSession, Turn, unknown_event
+
+
+class VLLMSession(LiveSession):
+    async def handle(self, event: dict) -> bool:
+        kind = event.get("type")
+        if kind == "session.update":
+            self.check_idle("session.update")
+            session = event.get("session") if isinstance(event.get("session"), dict) else event
+            model = event.get("model", session.get("model"))
+            if model is not None and not isinstance(model, str):
+                raise InvalidRequestError("'model' must be a string", "model")
+            if "delay_ms" in session:
+                self.delay_ms = self.check_delay(session["delay_ms"])
+        elif kind == "input_audio_buffer.append":
+            return await self.append(self.decode_base64(event.get("audio")))
+        elif kind == "input_audio_buffer.commit":
+            self.start_turn()
+            if event.get("final"):
+                self.end_turn()
+        else:
+            await self.send_error(unknown_event(kind), event)
+        return True
+
+    async def send_error(self, error: APIError, client_event: Optional[dict] = None) -> None:
+        await self.websocket.send_json({"type": "error", **error.body()})
+
+    async def on_delta(self, turn: Turn, delta: str) -> None:
+        await self.websocket.send_json({"type": "transcription.delta", "delta": delta})
+
+    async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
+        await self.websocket.send_json({"type": "transcription.done", "text": result.text, "usage": {
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}})
