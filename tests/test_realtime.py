@@ -137,7 +137,7 @@ def test_openai_errors_and_clear(live, fp32, clips):
                 {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 1}}}},
                 {"type": "transcription", "audio": {"input": {"transcription": {"delay": "eventually"}}}},
                 {"type": "transcription", "audio": {"input": {"transcription": {"delay_ms": 100}}}},
-                {"type": "transcription", "audio": {"input": {"turn_detection": {"type": "server_vad"}}}},
+                {"type": "transcription", "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
             ]
             for session in bad:
                 await conn.session.update(session=session, event_id="evt_client")
@@ -260,3 +260,72 @@ def test_mistral_errors(live, clips):
     assert all(e["type"] == "error" and e["error"]["code"] == 400 for e in errors), errors
     assert ["rewind" in errors[0]["error"]["message"], "pcm_s24le" in errors[1]["error"]["message"],
             "sample rate" in errors[2]["error"]["message"], "whole number" in errors[3]["error"]["message"]] == [True] * 4
+
+
+# server-side turn detection -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_utterances(clips) -> np.ndarray:
+    """16 kHz PCM16: speech, 3 s of silence, other speech, 1 s of silence."""
+    a, _ = sf.read(str(clips["a16"]), dtype="int16")
+    b, _ = sf.read(str(resampled(clips["b24"], clips["b24"].with_name("b16.wav"), 16000, "-b", "16")), dtype="int16")
+    return np.concatenate([a, np.zeros(48000, np.int16), b, np.zeros(16000, np.int16)])
+
+
+def test_openai_server_vad_turns_equal_offline(live, fp32, two_utterances):
+    """With ``server_vad`` the server ends the turns itself; each turn's transcript is offline
+    ``transcribe`` of exactly the samples between its ``audio_start_ms`` and ``audio_end_ms``,
+    and the silence between them reaches no turn."""
+    async def run():
+        client = openai.AsyncOpenAI(api_key="unused", base_url=live.url + "/v1")
+        events = []
+        async with client.realtime.connect(model="default") as conn:
+            assert (await conn.recv()).type == "session.created"
+            await conn.session.update(session={"type": "transcription", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 16000},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 900, "prefix_padding_ms": 300}}}})
+            updated = await conn.recv()
+            for piece in chunks(two_utterances.tobytes(), 3200):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(piece).decode())
+            while True:  # until every turn heard is done and no more come
+                try:
+                    events.append(await asyncio.wait_for(conn.recv(), 10))
+                except asyncio.TimeoutError:
+                    break
+                assert events[-1].type != "error", [e.type for e in events]
+        return updated, events
+
+    updated, events = asyncio.run(run())
+    assert updated.session.audio.input.turn_detection.type == "server_vad"
+    started = [e for e in events if e.type == "input_audio_buffer.speech_started"]
+    stopped = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    assert len(started) == len(stopped) >= 2
+    assert stopped[0].audio_end_ms < started[1].audio_start_ms  # the first turn ended in the gap
+    for start, stop in zip(started, stopped):
+        assert start.item_id == stop.item_id and start.audio_start_ms < stop.audio_end_ms
+        audio = two_utterances[start.audio_start_ms * 16:stop.audio_end_ms * 16].astype(np.float32) / 32768
+        done = next(e for e in events if e.type == "conversation.item.input_audio_transcription.completed"
+                    and e.item_id == start.item_id)
+        assert done.transcript == mlx_voxtral.transcribe(fp32, audio).text
+    heard = sum(s.audio_end_ms - t.audio_start_ms for t, s in zip(started, stopped))
+    assert heard < len(two_utterances) / 16 - 1500  # the gap, less padding and 0.9 s, was not decoded
+
+
+def test_mistral_turn_detection(live, two_utterances):
+    from mistralai.client import Mistral
+    from mistralai.client.models import AudioFormat as MistralFormat
+
+    async def run():
+        client = Mistral(api_key="unused")
+        kinds = []
+        async with await client.audio.realtime.connect(
+                model="default", audio_format=MistralFormat(encoding="pcm_s16le", sample_rate=16000),
+                turn_detection={"min_silence_ms": 900}, server_url=live.url) as conn:
+            for piece in chunks(two_utterances.tobytes(), 3200):
+                await conn.send_audio(piece)
+            await conn.end_audio()
+            async for event in conn:
+                kinds.append(getattr(event, "type", None))
+        return kinds
+
+    kinds = asyncio.run(run())
+    assert kinds.count("turn.start") == kinds.count("turn.end") == kinds.count("transcription.done") >= 2, kinds

@@ -35,6 +35,7 @@ from ...exceptions import InvalidRequestError, VoxtralError
 from ...results import DeltaText, Failed, Finished, Transcription
 from ..engine import Job, QueueFullError
 from ..errors import APIError, api_error, log
+from .vad import VoiceActivity
 
 
 def _g711_table(law: str) -> np.ndarray:
@@ -110,10 +111,10 @@ def event_id() -> str:
 class Turn:
     """One utterance: a live engine job, its resampler and its text so far."""
 
-    def __init__(self, job: Job, audio_format: AudioFormat, offset: float, delay_ms: int):
+    def __init__(self, job: Job, resampler: Optional[soxr.ResampleStream], offset: float, delay_ms: int):
         self.job = job
         self.id = f"item_{uuid.uuid4().hex[:24]}"
-        self.resampler = audio_format.resampler()
+        self.resampler = resampler
         self.offset = offset  # seconds of the session's audio before this turn
         self.delay_ms = delay_ms
         self.samples = 0  # 16 kHz samples given to the job
@@ -155,6 +156,8 @@ class LiveSession:
         self.tasks: set[asyncio.Task] = set()  # forwarding the events of turns
         self.seconds = 0.0  # audio appended over the whole session
         self.closing = False  # the client ended the session: close once every turn is done
+        self.vad: Optional[VoiceActivity] = None  # server-side turn detection, when asked for
+        self._vad_resampler: Optional[soxr.ResampleStream] = None
 
     # the dialect's part -------------------------------------------------------------------
     async def handle(self, event: dict) -> bool:
@@ -172,6 +175,18 @@ class LiveSession:
 
     async def on_failed(self, turn: Turn, error: BaseException) -> None:
         await self.send_error(api_error(error))
+
+    async def on_speech_started(self, turn: Turn, ms: int) -> None:
+        """Turn detection started ``turn`` (its audio from ``ms`` of the session)."""
+
+    async def on_speech_stopped(self, turn: Turn, ms: int) -> None:
+        """Turn detection ended ``turn`` (its audio up to ``ms``)."""
+
+    def detect_turns(self, vad: Optional[VoiceActivity]) -> None:
+        """Turn detection on (``vad``) or off: with it, the audio is resampled for the whole
+        session, judged frame by frame, and only speech (with its padding) reaches a turn."""
+        self.vad = vad
+        self._vad_resampler = self.audio_format.resampler() if vad is not None else None
 
     # options ------------------------------------------------------------------------------
     def check_delay(self, value, param: str = "delay_ms") -> Optional[int]:
@@ -213,22 +228,48 @@ class LiveSession:
             await self.close_with(APIError(400, f"the session's audio passed the server's {limit:g} s limit",
                                            code="session_too_long"), 1008)
             return False
-        turn = self.start_turn()
+        if self.vad is not None:
+            self.seconds += seconds
+            return await self._detect(audio)
+        turn = self.start_turn()  # its offset: the audio before this chunk
         self.seconds += seconds
         turn.append(audio)
-        job = turn.job
-        while job.backlog > self.api.live_backlog_seconds and not (job.closed or job.cancelled):
-            await asyncio.sleep(0.02)  # backpressure: the socket is not read meanwhile
+        await self._backpressure(turn)
         return True
 
-    def start_turn(self) -> Turn:
-        """The turn receiving audio, started (with its engine place) if need be."""
+    async def _detect(self, audio: np.ndarray) -> bool:
+        if self._vad_resampler is not None:
+            audio = self._vad_resampler.resample_chunk(audio)
+        for event in self.vad(audio):
+            if event[0] == "start":
+                turn = self.start_turn(event[1] / 1000)
+                turn.append(event[2])
+                await self.on_speech_started(turn, event[1])
+            elif event[0] == "audio" and self.turn is not None:
+                self.turn.append(event[1])
+            elif event[0] == "stop" and self.turn is not None:
+                turn, self.turn = self.turn, None
+                turn.end()
+                await self.on_speech_stopped(turn, event[1])
+        if self.turn is not None:
+            await self._backpressure(self.turn)
+        return True
+
+    async def _backpressure(self, turn: Turn) -> None:
+        job = turn.job
+        while job.backlog > self.api.live_backlog_seconds and not (job.closed or job.cancelled):
+            await asyncio.sleep(0.02)  # the socket is not read meanwhile
+
+    def start_turn(self, offset: Optional[float] = None) -> Turn:
+        """The turn receiving audio, started (with its engine place) if need be; ``offset``:
+        where its audio starts, in seconds of the session (default: the audio so far)."""
         if self.turn is not None and (self.turn.job.closed or self.turn.job.cancelled):  # it failed
             self.turn = None
         if self.turn is None:
             ticket = self.api.engine.reserve(live=True)
             job = self.api.engine.start_live(delay_ms=self.delay_ms, ticket=ticket)
-            self.turn = Turn(job, self.audio_format, self.seconds, self.effective_delay_ms)
+            resampler = self.audio_format.resampler() if self.vad is None else None
+            self.turn = Turn(job, resampler, self.seconds if offset is None else offset, self.effective_delay_ms)
             task = asyncio.create_task(self.forward(self.turn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -239,8 +280,14 @@ class LiveSession:
         """A hook: a turn has started (its first audio arrived)."""
 
     def end_turn(self) -> Optional[Turn]:
-        """End the current turn (its text follows as the decoder finishes); None if none."""
+        """The client ends the current turn (its text follows as the decoder finishes); None
+        if none. Turn detection then waits for the next speech."""
         turn, self.turn = self.turn, None
+        if self.vad is not None:
+            rest = self.vad.flush()
+            if turn is not None and rest is not None:
+                turn.append(rest)
+            self.vad.stop()
         if turn is not None:
             turn.end()
         return turn

@@ -12,7 +12,9 @@ Client events: ``session.update`` (``session.audio_format``: ``encoding`` and
 
 ``target_streaming_delay_ms`` is the model's delay: a multiple of 80 from 80 to 2400.
 The model does not detect the language, so ``transcription.language`` is never sent and
-``done.language`` is the ``language`` the client gave, or null.
+``done.language`` is the ``language`` the client gave, or null. With ``turn_detection``
+(``start_threshold``, ``min_silence_ms``) the server ends turns where ``vad.VoiceActivity``
+hears speech stop (``turn.start`` / ``turn.end`` events); silence is never decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ...exceptions import InvalidRequestError
 from ...results import Transcription
 from ..errors import APIError
 from .core import AudioFormat, LiveSession, Turn, unknown_event
+from .vad import VoiceActivity
 
 
 class MistralSession(LiveSession):
@@ -32,11 +35,13 @@ class MistralSession(LiveSession):
         super().__init__(api, websocket)
         self.model = model or api.model_name
         self.language: Optional[str] = None
+        self.turn_detection: Optional[dict] = None
 
     def describe(self) -> dict:
         return {"request_id": self.id, "model": self.model,
                 "audio_format": {"encoding": self.audio_format.encoding, "sample_rate": self.audio_format.rate},
-                "target_streaming_delay_ms": self.effective_delay_ms, "language": self.language}
+                "target_streaming_delay_ms": self.effective_delay_ms, "language": self.language,
+                "turn_detection": self.turn_detection}
 
     async def handle(self, event: dict) -> bool:
         kind = event.get("type")
@@ -50,8 +55,11 @@ class MistralSession(LiveSession):
                 if not isinstance(fmt, dict):
                     raise InvalidRequestError("'audio_format' must be an object", "audio_format")
                 self.audio_format = AudioFormat(fmt.get("encoding", "pcm_s16le"), fmt.get("sample_rate", 16000))
+                self.detect_turns(self.vad)  # the session's resampler follows the format
             if session.get("target_streaming_delay_ms") is not None:
                 self.delay_ms = self.check_delay(session["target_streaming_delay_ms"], "target_streaming_delay_ms")
+            if "turn_detection" in session:
+                self.set_turn_detection(session["turn_detection"])
             language = session.get("language")
             if language is not None and not isinstance(language, str):
                 raise InvalidRequestError("'language' must be a string", "language")
@@ -66,6 +74,24 @@ class MistralSession(LiveSession):
         else:
             await self.send_error(unknown_event(kind), event)
         return True
+
+    def set_turn_detection(self, value) -> None:
+        if value is None:
+            self.turn_detection, vad = None, None
+        else:
+            if not isinstance(value, dict):
+                raise InvalidRequestError("'turn_detection' must be an object or null", "turn_detection")
+            options = {"start_threshold": 0.5, "min_silence_ms": 500}
+            options.update({k: value[k] for k in options if value.get(k) is not None})
+            vad = VoiceActivity(options["start_threshold"], 300, options["min_silence_ms"], "turn_detection")
+            self.turn_detection = options
+        self.detect_turns(vad)
+
+    async def on_speech_started(self, turn: Turn, ms: int) -> None:
+        await self.websocket.send_json({"type": "turn.start", "time_s": ms / 1000})
+
+    async def on_speech_stopped(self, turn: Turn, ms: int) -> None:
+        await self.websocket.send_json({"type": "turn.end", "time_s": ms / 1000, "end_reason": "threshold"})
 
     async def send_error(self, error: APIError, client_event: Optional[dict] = None) -> None:
         await self.websocket.send_json({"type": "error", "error": {"message": error.message, "code": error.status}})

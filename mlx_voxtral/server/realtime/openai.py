@@ -15,7 +15,11 @@ Server events: ``session.created`` / ``.updated`` (beta: ``transcription_session
 The model is a streaming one: a turn's deltas start as soon as its audio arrives, before
 the ``commit`` that ends the turn; ``completed`` follows the commit. The delay: OpenAI's
 ``transcription.delay`` maps ``minimal`` / ``low`` / ``medium`` / ``high`` / ``xhigh`` to
-``DELAYS`` ms; ``transcription.delay_ms`` (an extension) takes any valid delay. Audio:
+``DELAYS`` ms; ``transcription.delay_ms`` (an extension) takes any valid delay. Turns end
+with ``commit``, or, with ``turn_detection: {"type": "server_vad"}`` (``threshold``,
+``prefix_padding_ms``, ``silence_duration_ms``), where ``vad.VoiceActivity`` hears them end
+(``input_audio_buffer.speech_started`` / ``.speech_stopped``, then ``committed``); the silence
+between turns is never decoded. Audio:
 ``audio/pcm`` (PCM16) at 24 kHz, OpenAI's rate, or any rate given as ``rate`` (an
 extension); ``audio/pcmu`` and ``audio/pcma`` at 8 kHz.
 """
@@ -29,6 +33,7 @@ from ...exceptions import InvalidRequestError
 from ...results import Transcription
 from ..errors import APIError
 from .core import AudioFormat, LiveSession, Turn, event_id, unknown_event
+from .vad import VoiceActivity
 
 OPENAI_RATE = 24000
 DELAYS = {"minimal": 160, "low": 320, "medium": 480, "high": 960, "xhigh": 2400}
@@ -54,6 +59,7 @@ class OpenAISession(LiveSession):
         self.audio_format = AudioFormat("pcm_s16le", OPENAI_RATE)
         self.transcription: dict = {"model": api.model_name, "language": None, "prompt": None}
         self.previous_item: Optional[str] = None
+        self.turn_detection: Optional[dict] = None
 
     async def send(self, kind: str, **fields) -> None:
         await self.websocket.send_json({"type": kind, "event_id": event_id(), **fields})
@@ -66,14 +72,14 @@ class OpenAISession(LiveSession):
             kind = {v: k for k, v in _BETA_FORMATS.items()}.get((f.encoding, f.rate), "pcm16")
             return {"id": self.id, "object": "realtime.transcription_session", "input_audio_format": kind,
                     "input_audio_transcription": {**self.transcription, "delay_ms": self.effective_delay_ms},
-                    "turn_detection": None, "modalities": ["text"]}
+                    "turn_detection": self.turn_detection, "modalities": ["text"]}
         fmt = {"type": {v: k for k, v in _GA_FORMATS.items()}[f.encoding]}
         if f.encoding == "pcm_s16le":
             fmt["rate"] = f.rate
         return {"type": "transcription", "id": self.id, "object": "realtime.transcription_session",
                 "audio": {"input": {"format": fmt,
                                     "transcription": {**self.transcription, "delay_ms": self.effective_delay_ms},
-                                    "turn_detection": None, "noise_reduction": None}}}
+                                    "turn_detection": self.turn_detection, "noise_reduction": None}}}
 
     def _transcription(self, options: dict, param: str) -> None:
         for name in ("model", "language", "prompt"):
@@ -90,12 +96,19 @@ class OpenAISession(LiveSession):
         self.delay_ms = delay
         self.transcription.update({k: options[k] for k in ("model", "language", "prompt") if k in options})
 
-    @staticmethod
-    def _turn_detection(value, param: str) -> None:
-        if value is not None:
+    def _turn_detection(self, value, param: str) -> None:
+        if value is None:
+            self.turn_detection, vad = None, None
+        else:
             kind = value.get("type") if isinstance(value, dict) else value
-            raise InvalidRequestError(f"turn_detection {str(kind)[:32]!r} is not supported: set it to null and "
-                                      "end each turn with input_audio_buffer.commit", param)
+            if kind != "server_vad":
+                raise InvalidRequestError(f"turn_detection {str(kind)[:32]!r} is not supported: use "
+                                          "{'type': 'server_vad'} or null", param)
+            options = {"threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+            options.update({k: value[k] for k in options if value.get(k) is not None})
+            vad = VoiceActivity(**options, param=param)
+            self.turn_detection = {"type": "server_vad", **options}
+        self.detect_turns(vad)
 
     def update_ga(self, session: dict) -> None:
         if session.get("type", "transcription") != "transcription":
@@ -136,11 +149,12 @@ class OpenAISession(LiveSession):
             if kind == "session.update":
                 self.beta = False
                 self.update_ga(session)
-                await self.send("session.updated", session=self.describe())
             else:
                 self.beta = True
                 self.update_beta(session)
-                await self.send("transcription_session.updated", session=self.describe())
+            self.detect_turns(self.vad)  # the session's resampler follows the format
+            await self.send("transcription_session.updated" if self.beta else "session.updated",
+                            session=self.describe())
         elif kind == "input_audio_buffer.append":
             return await self.append(self.decode_base64(event.get("audio")))
         elif kind == "input_audio_buffer.commit":
@@ -148,19 +162,28 @@ class OpenAISession(LiveSession):
                 await self.send_error(APIError(400, "the input audio buffer is empty: append audio before "
                                                "committing", code="input_audio_buffer_commit_empty"), event)
                 return True
-            turn = self.end_turn()
-            await self.send("input_audio_buffer.committed", item_id=turn.id, previous_item_id=self.previous_item)
-            item = {"id": turn.id, "type": "message", "role": "user", "status": "in_progress",
-                    "content": [{"type": "input_audio", "transcript": None}]}
-            await self.send("conversation.item.created" if self.beta else "conversation.item.added",
-                            item=item, previous_item_id=self.previous_item)
-            self.previous_item = turn.id
+            await self.committed(self.end_turn())
         elif kind == "input_audio_buffer.clear":
             self.clear_turn()
             await self.send("input_audio_buffer.cleared")
         else:
             await self.send_error(unknown_event(kind), event)
         return True
+
+    async def committed(self, turn: Turn) -> None:
+        await self.send("input_audio_buffer.committed", item_id=turn.id, previous_item_id=self.previous_item)
+        item = {"id": turn.id, "type": "message", "role": "user", "status": "in_progress",
+                "content": [{"type": "input_audio", "transcript": None}]}
+        await self.send("conversation.item.created" if self.beta else "conversation.item.added",
+                        item=item, previous_item_id=self.previous_item)
+        self.previous_item = turn.id
+
+    async def on_speech_started(self, turn: Turn, ms: int) -> None:
+        await self.send("input_audio_buffer.speech_started", audio_start_ms=ms, item_id=turn.id)
+
+    async def on_speech_stopped(self, turn: Turn, ms: int) -> None:
+        await self.send("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=turn.id)
+        await self.committed(turn)
 
     async def send_error(self, error: APIError, client_event: Optional[dict] = None) -> None:
         client_id = client_event.get("event_id") if isinstance(client_event, dict) else None
