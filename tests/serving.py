@@ -68,8 +68,10 @@ class Served:
         self.thread.join(timeout=30)
 
 
-async def realtime(url: str, pcm16: np.ndarray, headers=None, chunk: int = 1600) -> tuple[list, dict, dict]:
-    """A vLLM-dialect live session: the deltas, the final event and ``session.created``."""
+async def realtime(url: str, pcm16: np.ndarray, headers=None, chunk: int = 1600,
+                   words: list | None = None) -> tuple[list, dict, dict]:
+    """A vLLM-dialect live session: the deltas, the final event and ``session.created``;
+    ``words``: a list the ``transcription.word`` events are appended to."""
     import websockets
 
     async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
@@ -84,6 +86,9 @@ async def realtime(url: str, pcm16: np.ndarray, headers=None, chunk: int = 1600)
             event = json.loads(await ws.recv())
             if event["type"] == "transcription.delta":
                 deltas.append(event["delta"])
+            elif event["type"] == "transcription.word":
+                if words is not None:
+                    words.append(event)
             else:
                 return deltas, event, created
 

@@ -219,8 +219,10 @@ def test_models_and_health(server):
 # realtime -----------------------------------------------------------------------------------
 def test_realtime_equals_offline(server, refs):
     url = server.url.replace("http", "ws") + "/v1/realtime"
-    deltas, done, created = asyncio.run(realtime(url, refs["pcm16_samples"]))
+    words = []
+    deltas, done, created = asyncio.run(realtime(url, refs["pcm16_samples"], words=words))
     assert created["type"] == "session.created" and created["id"]
+    assert [(w["text"], w["start"], w["end"]) for w in words] == [(w.text, w.start, w.end) for w in refs["pcm16"].words]
     assert done["type"] == "transcription.done", done
     assert "".join(deltas) == done["text"] == refs["pcm16"].text
     assert done["usage"]["completion_tokens"] == len(refs["pcm16"].token_ids)
@@ -253,7 +255,7 @@ def test_realtime_bad_events(server, refs):
             audio = base64.b64encode(refs["pcm16_samples"][:16000].tobytes()).decode()
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
-            while (event := json.loads(await ws.recv()))["type"] == "transcription.delta":
+            while (event := json.loads(await ws.recv()))["type"] in ("transcription.delta", "transcription.word"):
                 pass
             return errors, event
 

@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ...audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 from ...chat import Usage
 from ...exceptions import InvalidRequestError, VoxtralError
-from ...results import DeltaText, Failed, Finished, Transcription
+from ...results import DeltaText, Failed, Finished, Transcription, Word
 from ..engine import Job, QueueFullError
 from ..errors import APIError, api_error, log
 from .vad import VoiceActivity
@@ -172,6 +172,9 @@ class LiveSession:
 
     async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
         raise NotImplementedError
+
+    async def on_word(self, turn: Turn, word: Word) -> None:
+        """A hook: the decoder finished ``word`` (its times in seconds of the turn's audio)."""
 
     async def on_failed(self, turn: Turn, error: BaseException) -> None:
         await self.send_error(api_error(error))
@@ -313,6 +316,8 @@ class LiveSession:
                 piece = turn.text.add(event)
                 if piece:
                     await self.on_delta(turn, piece)
+                elif isinstance(event, Word):
+                    await self.on_word(turn, event)
                 elif isinstance(event, Finished):
                     await self.on_done(turn, event.results[0], Usage.from_results(event.results))
                     return

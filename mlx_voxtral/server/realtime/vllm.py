@@ -3,8 +3,9 @@
 Client events: ``session.update`` (``model``; optional ``delay_ms``, top level or under
 ``session``), ``input_audio_buffer.append`` (``audio``: base64 PCM16 LE mono 16 kHz),
 ``input_audio_buffer.commit`` (``final: true`` ends the audio). Server events:
-``session.created``, ``transcription.delta``, ``transcription.done`` (with ``usage``) and
-``error``. After ``transcription.done`` the next append starts a new transcription on the
+``session.created``, ``transcription.delta``, ``transcription.word`` (an extension: ``text``,
+``start``, ``end`` in seconds of the connection's audio, as each word ends),
+``transcription.done`` (with ``usage``) and ``error``. After ``transcription.done`` the next append starts a new transcription on the
 same connection.
 """
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 from ...chat import Usage
 from ...exceptions import InvalidRequestError
-from ...results import Transcription
+from ...results import Transcription, Word
 from ..errors import APIError
 from .core import LiveSession, Turn, unknown_event
 
@@ -45,6 +46,11 @@ class VLLMSession(LiveSession):
 
     async def on_delta(self, turn: Turn, delta: str) -> None:
         await self.websocket.send_json({"type": "transcription.delta", "delta": delta})
+
+    async def on_word(self, turn: Turn, word: Word) -> None:
+        await self.websocket.send_json({"type": "transcription.word", "text": word.text,
+                                        "start": round(turn.offset + word.start, 3),
+                                        "end": round(turn.offset + word.end, 3)})
 
     async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
         await self.websocket.send_json({"type": "transcription.done", "text": result.text, "usage": {
