@@ -125,28 +125,73 @@ class Batch:
         # the last step's work: encoder rows, prompts, decoded rows, and the seconds spent
         # building and dispatching its graphs (what the host costs a step, on any device)
         self.last_step = {"encoded": 0, "prompts": 0, "decoded": 0, "build_s": 0.0}
+        self.encoded_tokens = 0  # audio tokens run through the encoder, over all steps
         self._zeros: dict = {}
+        self._leaders: dict[Session, Session] = {}  # dual delay: follower -> leader
+        self._shared: dict[Session, tuple] = {}  # follower -> (its stream, the leader's) sharing
 
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def add(self, session: Session) -> None:
-        """Take ``session`` in (a new row)."""
+    def add(self, session: Session, follows: Optional[Session] = None) -> None:
+        """Take ``session`` in (a new row).
+
+        ``follows``: dual delay. ``session`` (a faster delay) then reuses the audio
+        embeddings of ``follows`` (its leader, a session of this batch with a slower delay)
+        instead of running the encoder itself: the encoder does not depend on the delay
+        (the left pad is fixed, the encoder causal), so one pass serves both. Both must be
+        pushed the same samples, and join before any of their audio is encoded. When the
+        leader restarts its decoder, the follower restarts on the leader's new stream
+        (``Session.follow``); when the follower restarts on its own, it runs the encoder
+        itself until the leader's next restart. Removing the leader removes its followers.
+        """
         if session in self.sessions:
             raise ValueError("the session is in the batch already")
+        if follows is not None:
+            if follows not in self.sessions or follows in self._leaders:
+                raise ValueError("a follower follows a leader of this batch (not another follower)")
+            if session.stream.embedded or follows.stream.embedded or not follows.followable \
+                    or session.samples != follows.samples:
+                raise ValueError("a follower joins its leader before any audio is encoded, with the same samples")
+            self._leaders[session] = follows
+            self._shared[session] = (session.stream, follows.stream)
         self.cache.add_row()
         self.sessions.append(session)
         self._rows.append(session.stream)
         self.max_rows = max(self.max_rows, len(self.sessions))
 
     def remove(self, session: Session) -> None:
-        """Drop ``session`` (finished or abandoned); its pending tokens are ignored."""
+        """Drop ``session`` (finished or abandoned), and its followers; its pending tokens
+        are ignored."""
+        for follower in [f for f, leader in self._leaders.items() if leader is session]:
+            self.remove(follower)
+        self._leaders.pop(session, None)
+        self._shared.pop(session, None)
         i = self.sessions.index(session)
         self.cache.remove_row(i)
         last = len(self.sessions) - 1
         self.sessions[i], self._rows[i] = self.sessions[last], self._rows[last]
         self.sessions.pop()
         self._rows.pop()
+
+    def _attached(self, follower: Session) -> bool:
+        """The follower's stream takes its leader's embeddings (neither restarted alone)."""
+        leader = self._leaders[follower]
+        mine, theirs = self._shared[follower]
+        return mine is follower.stream and theirs is leader.stream
+
+    def _follow_restarts(self) -> dict[Session, list]:
+        """Followers whose leader restarted restart on its new stream (see ``add``)."""
+        events: dict[Session, list] = {}
+        for follower, leader in self._leaders.items():
+            if follower.done or leader.done or self._shared[follower][1] is leader.stream:
+                continue
+            if leader.followable and leader.samples == follower.samples:
+                events[follower] = follower.follow(leader)
+                self._shared[follower] = (follower.stream, leader.stream)
+            else:  # cannot line up with this stream: the follower encodes alone until the next
+                self._shared[follower] = (None, leader.stream)
+        return events
 
     def in_flight(self, session: Session) -> bool:
         return self._inflight is not None and session in self._inflight.sessions()
@@ -159,6 +204,7 @@ class Batch:
         waits for audio, or is done).
         """
         with mx.stream(generation_stream()):
+            restarted = self._follow_restarts() if self._leaders else {}
             for i, s in enumerate(self.sessions):
                 if s.stream is not self._rows[i]:  # the session restarted its decoder
                     self.cache.reset_row(i)
@@ -166,8 +212,10 @@ class Batch:
             flight = self._dispatch()
             events = self._read()
             self._inflight = flight
-            progressed = flight is not None or events is not None
+            progressed = flight is not None or events is not None or bool(restarted)
             events = events or {}
+            for s, evs in restarted.items():
+                events[s] = evs + events.get(s, [])
             waiting = flight.sessions() if flight is not None else set()
             for s in self.sessions:
                 if s not in waiting:
@@ -201,18 +249,30 @@ class Batch:
         clock = start = time.perf_counter()
         last = self.last_step = {"encoded": 0, "prompts": 0, "decoded": 0, "build_s": 0.0}
         # 1. the encoder, for rows about to run out of audio embeddings
+        # (an attached follower about to run out makes its leader encode, for both)
         encode = {}
+        attached = {f: leader for f, leader in self._leaders.items() if self._attached(f)}
         for r, s in enumerate(sessions):
             st = s.stream
             if s.done or s.rollover_due or st.buffered >= st.next_length():
                 continue
+            if s in attached:
+                s = attached[s]
+                r, st = sessions.index(s), s.stream
+                if s.done or s.rollover_due:
+                    continue
             n = min(st.pending_tokens(), self.encode_tokens)
             if n:
                 encode[r] = n
         if encode:
             embeds = self._encode(encode)
+            for f, leader in attached.items():
+                e = embeds.get(sessions.index(leader))
+                if e is not None:
+                    self._share(f, leader, e)
             last["encoded"] = len(encode)
-            clock = self._lap(clock, "encode", [sessions[r] for r in encode], embeds)
+            self.encoded_tokens += sum(e.shape[0] for e in embeds.values())
+            clock = self._lap(clock, "encode", [sessions[r] for r in encode], list(embeds.values()))
         flight = _Flight()
         # 2. prompts
         prompted = set()
@@ -262,9 +322,23 @@ class Batch:
         self._lap(clock, "decode", flight.sessions())
         return flight
 
-    def _encode(self, encode: dict[int, int]) -> list[mx.array]:
+    @staticmethod
+    def _share(follower: Session, leader: Session, embeds: mx.array) -> None:
+        """The leader's new embeddings to an attached follower: the same audio positions
+        (its mel frames, the same, are dropped); a faster delay ends a few positions sooner."""
+        st = follower.stream
+        if st.finished and st.pending_tokens() == 0:
+            return  # all of its audio is embedded; the leader's right pad is longer
+        if st.embedded != leader.stream.embedded - embeds.shape[0]:
+            raise RuntimeError("a follower's audio embeddings are out of step with its leader's")
+        n = min(embeds.shape[0], st.pending_tokens())
+        if n:
+            st.take_mel(n)
+            st.add_audio_embeddings(embeds[:n])
+
+    def _encode(self, encode: dict[int, int]) -> dict[int, mx.array]:
         """One encoder pass over rows min(encode)..max(encode) (``encode[r]`` tokens for row r;
-        rows between sit it out)."""
+        rows between sit it out); each encoded row's new embeddings."""
         sessions = self.sessions
         r0, r1 = min(encode), max(encode) + 1
         fpt = sessions[r0].stream.mel_frames_per_token
@@ -276,11 +350,11 @@ class Batch:
             mel[r - r0, : frames.shape[0]] = frames
             lengths[r - r0] = frames.shape[0]
         embeds = self.model.encode(mx.array(mel), self.cache, slice(r0, r1), lengths)
-        out = []
+        out = {}
         for r in encode:
             e = embeds[r - r0, : lengths[r - r0] // fpt]
             sessions[r].stream.add_audio_embeddings(e)
-            out.append(e)
+            out[r] = e
         return out
 
     def _feed(self, refs: list) -> mx.array:

@@ -2,8 +2,9 @@
 
 Every type a caller receives lives here: ``Transcription`` (with its ``Timings``, ``Word``s and
 ``Segment``s), ``FileResult`` (one audio of ``transcribe_many``), the events of ``stream_transcribe`` (``TextDelta``, ``Word``, ``StreamReset``,
-``Done``), those of a server engine job (``PartDone``, ``Finished``, ``Failed``), and
-``DeltaText``, the one adapter from text events to the deltas an API sends.
+``Done``), those of a server engine job (``PartDone``, ``Finished``, ``Failed``,
+``Provisional``), ``DeltaText``, the one adapter from text events to the deltas an API sends,
+and ``ProvisionalText``, which makes dual delay's provisional text.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ class TextDelta:
 
     text: str
     start: float
+
+
+@dataclass
+class Provisional:
+    """Dual delay: the faster delay's text beyond what the final text has decided so far.
+
+    It replaces the previous ``Provisional`` (it is not a delta); "" once the final text has
+    caught up. Appended to the final text so far as it is, it reads on: a leading space
+    starts a new word.
+    """
+
+    text: str
 
 
 @dataclass
@@ -187,3 +200,34 @@ class DeltaText:
         body = piece.rstrip()
         self.held = piece[len(body):]
         return body or None
+
+
+class ProvisionalText:
+    """Dual delay: the text of a faster-delay stream that a slower one has not decided yet.
+
+    ``add`` the fast stream's events (its ``TextDelta``s, with their times; a ``StreamReset``
+    starts its text afresh); ``update(decided, started)`` with the slow stream's ``decided``
+    seconds and whether its final text has started gives the new provisional text, or None
+    if it did not change. The pieces kept are those timed after ``decided``.
+    """
+
+    def __init__(self):
+        self.pieces: list[TextDelta] = []
+        self.text = ""
+
+    def add(self, events) -> None:
+        for event in events:
+            if isinstance(event, TextDelta):
+                self.pieces.append(event)
+            elif isinstance(event, StreamReset):
+                self.pieces = []
+
+    def update(self, decided: float, started: bool) -> Optional[str]:
+        self.pieces = [p for p in self.pieces if p.start > decided]
+        text = "".join(p.text for p in self.pieces).rstrip()
+        if not started:
+            text = text.lstrip()
+        if text == self.text:
+            return None
+        self.text = text
+        return text

@@ -72,6 +72,7 @@ class Session:
         self._tracker = WordTracker(self.token_seconds)
         self._pad_run = 0
         self._rollover_due = False
+        self._decided = 0  # real samples (of the whole recording) the text has passed
         self.timings = Timings()  # wall-clock seconds of the steps this session took part in
 
     # audio in ---------------------------------------------------------------------------
@@ -147,13 +148,18 @@ class Session:
 
     def _restart(self, reason: str, covered: int) -> list:
         """New stream from the first sample the text has not covered yet."""
+        return self._new_stream(reason, self.origin + covered,
+                                self._history[covered - self._history_start :])
+
+    def _new_stream(self, reason: str, origin: int, replay: np.ndarray) -> list:
+        """Close the text; a fresh stream whose audio starts at sample ``origin`` of the
+        recording, ``replay`` (every sample from there on) pushed into it."""
         events = self._close_text()
-        replay = self._history[covered - self._history_start :]
-        self.origin += covered
+        self.origin = self._decided = origin
         self.stream = StreamState(self.model, self.delay_ms)
         self._history = np.zeros(0, np.float32)
         self._history_start = 0
-        self.samples -= replay.shape[0]
+        self.samples = origin
         self.push(replay)
         if self.finished:
             self.stream.finish()
@@ -163,6 +169,29 @@ class Session:
         self._detok = StreamingDetokenizer(self.tokenizer)
         events.append(StreamReset(reason, round(self.origin / self.tokenizer.sample_rate, 3)))
         return events
+
+    # dual delay -------------------------------------------------------------------------
+    @property
+    def decided(self) -> float:
+        """Seconds of the recording the text has passed: the decoder's last position, less
+        its delay. Text about audio after this is still to come."""
+        return self._decided / self.tokenizer.sample_rate
+
+    @property
+    def followable(self) -> bool:
+        """The current stream has made no token and holds every sample since its origin, so
+        a ``follow`` of it sees exactly its audio."""
+        return (self.stream.position == 0 and self._history_start == 0
+                and self._history.shape[0] == self.stream.samples)
+
+    def follow(self, leader: "Session") -> list:
+        """Restart on ``leader``'s fresh stream (``leader.followable``): from the same sample,
+        with the same audio, so that one encoder pass serves both (dual delay: the leader,
+        the slower delay, has just restarted). This session must have been pushed the same
+        samples as ``leader``. Returns the closing events of a restart (reason "leader")."""
+        if not leader.followable or leader.samples != self.samples:
+            raise RuntimeError("the leader's stream cannot be followed")
+        return self._new_stream("leader", leader.origin, leader._history)
 
     def rollover(self) -> list:
         """Restart at the position limit (see the module docstring)."""
@@ -177,6 +206,7 @@ class Session:
         ), 3)
         t = min(t, round(self.duration, 3))  # text made in the right padding
         covered = self._covered(position)
+        self._decided = max(self._decided, self.origin + covered)
         if token_id == tok.eos_id:
             if self.stream.finished and position >= self._last_audio_position():
                 self.finish_reason = "stop"

@@ -115,6 +115,27 @@ def fp32(tiny_checkpoint, backend):
 
 
 @pytest.fixture(scope="session")
+def eos_checkpoint(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
+    """A checkpoint whose EOS embedding points where a token emitted mid-speech points,
+    so the model emits EOS in the middle of the audio (its decoder restarts)."""
+    baseline = mlx_voxtral.transcribe(model_fp32, speech_5s).token_ids
+    path = tmp_path_factory.mktemp("eos") / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    weights = dict(mx.load(str(path / "consolidated.safetensors")))
+    name = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
+    emb = weights[name]
+    emb[2] = emb[baseline[len(baseline) // 3]] * 1.05
+    weights[name] = emb
+    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
+    return path
+
+
+@pytest.fixture(scope="session")
+def eos_model(eos_checkpoint, backend):
+    return mlx_voxtral.load(eos_checkpoint, dtype=mx.float32, backend=backend)
+
+
+@pytest.fixture(scope="session")
 def half(tiny_checkpoint, backend):
     """The backend's model as people run it unquantized: the checkpoint's bf16 weights; on the
     MLX backend with bf16 activations (a Mac), on the CPU backend with float32 activations."""

@@ -329,3 +329,77 @@ def test_mistral_turn_detection(live, two_utterances):
 
     kinds = asyncio.run(run())
     assert kinds.count("turn.start") == kinds.count("turn.end") == kinds.count("transcription.done") >= 2, kinds
+
+
+# dual delay ------------------------------------------------------------------------------------
+def provisional_ok(texts: list, fast: str) -> bool:
+    """Some provisional text came, and each is a piece of the fast delay's own text (no
+    restart happens on this checkpoint, so the follower's text is the fast delay's alone)."""
+    return any(texts) and all(t.strip() in fast for t in texts)
+
+
+async def raw_session(url: str, update: dict, audio: bytes, append: str, end: dict, last: str) -> list:
+    async with websockets.connect(url) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps(update))
+        events = []
+        for piece in chunks(audio, 3200):
+            await ws.send(json.dumps({"type": append, "audio": base64.b64encode(piece).decode()}))
+        await ws.send(json.dumps(end))
+        while not events or events[-1]["type"] not in (last, "error"):
+            events.append(json.loads(await ws.recv()))
+        return events
+
+
+def test_dual_delay_vllm_and_mistral(live, fp32, clips):
+    """One encoder pass, two delays: the final text is the slow delay's, exactly; the
+    provisional text comes from the fast one."""
+    want = mlx_voxtral.transcribe(fp32, clips["a16"], delay_ms=720)
+    fast = mlx_voxtral.transcribe(fp32, clips["a16"], delay_ms=160).text
+    events = asyncio.run(raw_session(
+        live.ws_url + "/v1/realtime", {"type": "session.update", "delay_ms": 720, "provisional_delay_ms": 160},
+        raw(clips["a16"]), "input_audio_buffer.append", {"type": "input_audio_buffer.commit", "final": True},
+        "transcription.done"))
+    deltas = [e["delta"] for e in events if e["type"] == "transcription.delta"]
+    assert events[-1]["type"] == "transcription.done" and events[-1]["text"] == want.text == "".join(deltas)
+    assert provisional_ok([e["text"] for e in events if e["type"] == "transcription.provisional"], fast)
+
+    events = asyncio.run(raw_session(
+        live.ws_url + "/v1/audio/transcriptions/realtime",
+        {"type": "session.update", "session": {"target_streaming_delay_ms": 720,
+                                               "provisional_streaming_delay_ms": 160}},
+        raw(clips["a16"]), "input_audio.append", {"type": "input_audio.end"}, "transcription.done"))
+    assert events[0]["type"] == "session.updated" and events[0]["session"]["provisional_streaming_delay_ms"] == 160
+    assert events[-1]["text"] == want.text
+    assert provisional_ok([e["text"] for e in events if e["type"] == "transcription.text.provisional"], fast)
+
+
+def test_dual_delay_openai_client(live, fp32, clips):
+    session = {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None,
+        "transcription": {"model": "default", "delay": "high", "provisional_delay": "minimal"}}}}
+    events, updated = asyncio.run(openai_turns(live, [raw(clips["a24"])], session))
+    assert updated.session.audio.input.transcription.provisional_delay_ms == 160
+    want = mlx_voxtral.transcribe(fp32, clips["a24"], delay_ms=960)
+    fast = mlx_voxtral.transcribe(fp32, clips["a24"], delay_ms=160).text
+    done = next(e for e in events if e.type == "conversation.item.input_audio_transcription.completed")
+    assert done.transcript == want.text
+    provisional = [e for e in events if e.type == "conversation.item.input_audio_transcription.provisional"]
+    assert provisional_ok([e.text for e in provisional], fast)
+    assert {e.item_id for e in provisional} == {done.item_id}
+
+
+def test_dual_delay_errors(live):
+    async def run():
+        async with websockets.connect(live.ws_url + "/v1/realtime") as ws:
+            await ws.recv()
+            errors = []
+            for update in ({"provisional_delay_ms": 480}, {"delay_ms": 240, "provisional_delay_ms": 320},
+                           {"provisional_delay_ms": 100}, {"provisional_delay_ms": "fast"}):
+                await ws.send(json.dumps({"type": "session.update", **update}))
+                errors.append(json.loads(await ws.recv()))
+            return errors
+
+    errors = asyncio.run(run())
+    assert all(e["type"] == "error" and e["error"]["param"] == "provisional_delay_ms" for e in errors), errors
+    assert "shorter than the delay (480 ms)" in errors[0]["error"]["message"]

@@ -4,7 +4,6 @@ batching, flat memory; the caches under it."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -111,27 +110,6 @@ def test_bad_stream_input(model_fp32):
     bad[5] = np.inf
     with pytest.raises(mlx_voxtral.AudioError, match="NaN or infinite"):
         list(stream_transcribe(model_fp32, [np.zeros(4000, np.float32), bad]))
-
-
-@pytest.fixture(scope="module")
-def eos_checkpoint(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
-    """A checkpoint whose EOS embedding points where a token emitted mid-speech points,
-    so the model emits EOS in the middle of the audio."""
-    baseline = mlx_voxtral.transcribe(model_fp32, speech_5s).token_ids
-    path = tmp_path_factory.mktemp("eos") / "ckpt"
-    shutil.copytree(tiny_checkpoint, path)
-    weights = dict(mx.load(str(path / "consolidated.safetensors")))
-    name = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
-    emb = weights[name]
-    emb[2] = emb[baseline[len(baseline) // 3]] * 1.05
-    weights[name] = emb
-    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
-    return path
-
-
-@pytest.fixture(scope="module")
-def eos_model(eos_checkpoint, backend):
-    return mlx_voxtral.load(eos_checkpoint, dtype=mx.float32, backend=backend)
 
 
 def test_eos_mid_audio_restarts_on_the_uncovered_audio(eos_model, speech_5s):

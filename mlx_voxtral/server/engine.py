@@ -19,7 +19,9 @@ Two kinds of job:
   two of decoded audio at a time.
 * **live**: audio appended from a websocket as it arrives; ``finish()`` ends it. ``backlog``
   says how much of it waits for the decoder (the server stops reading the socket beyond a
-  limit).
+  limit). With ``provisional_delay_ms`` (dual delay) a second session at that faster delay
+  follows the job's own over the same encoder pass (``Batch.add(follows=...)``); its text
+  beyond what the final text has decided comes as ``Provisional`` events.
 
 Admission comes first: ``reserve`` takes a place (a ``Ticket``) before the caller reads or
 decodes anything, and raises ``QueueFullError`` when ``max_concurrency + max_queue`` places
@@ -46,9 +48,9 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from ..exceptions import VoxtralError
+from ..exceptions import InvalidRequestError, VoxtralError
 from ..generate import Batch, Blocks, result, wired_limit
-from ..results import Failed, Finished, PartDone
+from ..results import Failed, Finished, PartDone, Provisional, ProvisionalText
 from ..sample import Sampler
 from ..session import Session
 from ..validate import check_samples
@@ -173,6 +175,9 @@ class Job:
     inbox: collections.deque = field(default_factory=collections.deque)
     appended: int = 0  # live: samples appended (asyncio side)
     consumed: int = 0  # live: samples the encoder has consumed (engine side)
+    provisional_delay_ms: Optional[float] = None  # live: dual delay's faster delay
+    follower: Optional[Session] = None  # its session (engine side)
+    provisional: Optional[ProvisionalText] = None
 
     def append(self, samples: np.ndarray) -> None:
         """Live jobs: more float32 16 kHz audio."""
@@ -291,9 +296,28 @@ class Engine:
         return self._add(False, parts, max_tokens, temperature, seed, delay_ms, ticket)
 
     def start_live(self, *, temperature: float = 0.0, delay_ms: Optional[float] = None,
-                   max_tokens: Optional[int] = None, ticket: Optional[Ticket] = None) -> Job:
-        """Queue a live job; feed it with ``job.append`` and end it with ``job.finish``."""
-        return self._add(True, [], max_tokens, temperature, None, delay_ms, ticket)
+                   max_tokens: Optional[int] = None, ticket: Optional[Ticket] = None,
+                   provisional_delay_ms: Optional[float] = None) -> Job:
+        """Queue a live job; feed it with ``job.append`` and end it with ``job.finish``.
+
+        ``provisional_delay_ms``: dual delay (a delay shorter than ``delay_ms``): the job
+        also gets ``Provisional`` events, that faster delay's text ahead of the final one.
+        """
+        self.check_provisional(delay_ms, provisional_delay_ms)
+        job = self._add(True, [], max_tokens, temperature, None, delay_ms, ticket)
+        job.provisional_delay_ms = provisional_delay_ms
+        return job
+
+    def check_provisional(self, delay_ms: Optional[float], provisional_delay_ms: Optional[float],
+                          param: str = "provisional_delay_ms") -> None:
+        """``InvalidRequestError`` unless ``provisional_delay_ms`` is None or a valid delay
+        shorter than ``delay_ms``."""
+        if provisional_delay_ms is None:
+            return
+        tok = self.model.tokenizer
+        fast, slow = tok.check_delay(provisional_delay_ms), tok.check_delay(delay_ms)
+        if fast >= slow:
+            raise InvalidRequestError(f"{param} ({fast} ms) must be shorter than the delay ({slow} ms)", param)
 
     def _add(self, live, audios, max_tokens, temperature, seed, delay_ms, ticket) -> Job:
         ticket = ticket or self.reserve(live)
@@ -365,10 +389,10 @@ class Engine:
         return job.cancelled or job.closed
 
     def _drop(self, job: Job) -> None:
-        """Take the job's session out of the batch; stop decoding its audio."""
+        """Take the job's sessions out of the batch; stop decoding its audio."""
         if job.session is not None and job.session in self.batch.sessions:
-            self.batch.remove(job.session)
-        job.session = None
+            self.batch.remove(job.session)  # and its follower
+        job.session = job.follower = None
         if job.closed or job.cancelled:
             for part in job.audios:
                 part.close()
@@ -391,6 +415,11 @@ class Engine:
                 job.session = Session(self.model, job.delay_ms, max_tokens=self._budget(job),
                                       sampler=Sampler(job.temperature, seed=job.seed))
                 self.batch.add(job.session)
+                if job.provisional_delay_ms is not None:
+                    job.follower = Session(self.model, job.provisional_delay_ms,
+                                           sampler=Sampler(job.temperature, seed=job.seed))
+                    self.batch.add(job.follower, follows=job.session)
+                    job.provisional = ProvisionalText()
             if job.live:
                 self._feed_live(job)
             else:
@@ -411,6 +440,7 @@ class Engine:
 
     def _feed_live(self, job: Job) -> None:
         session = job.session
+        sessions = [session] if job.follower is None else [session, job.follower]
         job.consumed = decoded_samples(session)
         while job.inbox:
             item = job.inbox.popleft()
@@ -419,9 +449,12 @@ class Engine:
             if item is _FINISH:
                 if session.samples == 0:
                     raise VoxtralError("no audio was appended before the end of the session")
-                session.finish()
+                for s in sessions:
+                    s.finish()
             elif item.shape[0]:
-                session.push(check_samples(item))
+                item = check_samples(item)
+                for s in sessions:
+                    s.push(item)
 
     def _step(self, jobs: list[Job]) -> bool:
         """One step of the batch; True if any stream advanced."""
@@ -439,6 +472,11 @@ class Engine:
             session = job.session
             for event in events.get(session, ()):
                 job._emit(event)
+            if job.follower is not None and not session.done:
+                job.provisional.add(events.get(job.follower, ()))
+                text = job.provisional.update(session.decided, session.n_text > 0)
+                if text is not None:
+                    job._emit(Provisional(text))
             if session is not None and session.done:
                 try:
                     self._end_part(job)

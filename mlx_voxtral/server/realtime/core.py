@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ...audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 from ...chat import Usage
 from ...exceptions import InvalidRequestError, VoxtralError
-from ...results import DeltaText, Failed, Finished, Transcription, Word
+from ...results import DeltaText, Failed, Finished, Provisional, Transcription, Word
 from ..engine import Job, QueueFullError
 from ..errors import APIError, api_error, log
 from .vad import VoiceActivity
@@ -152,6 +152,7 @@ class LiveSession:
         self.id = f"sess_{uuid.uuid4().hex[:24]}"
         self.audio_format = AudioFormat()
         self.delay_ms: Optional[int] = None
+        self.provisional_delay_ms: Optional[int] = None  # dual delay's faster delay, when on
         self.turn: Optional[Turn] = None  # the turn receiving audio
         self.tasks: set[asyncio.Task] = set()  # forwarding the events of turns
         self.seconds = 0.0  # audio appended over the whole session
@@ -172,6 +173,10 @@ class LiveSession:
 
     async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
         raise NotImplementedError
+
+    async def on_provisional(self, turn: Turn, text: str) -> None:
+        """A hook (dual delay): ``text``, the faster delay's text beyond the final text so
+        far, replaces the previous provisional text."""
 
     async def on_word(self, turn: Turn, word: Word) -> None:
         """A hook: the decoder finished ``word`` (its times in seconds of the turn's audio)."""
@@ -201,6 +206,18 @@ class LiveSession:
             return self.api.engine.model.tokenizer.check_delay(value)
         except VoxtralError as e:
             raise InvalidRequestError(str(e), param) from None
+
+    def set_provisional(self, value, param: str = "provisional_delay_ms") -> None:
+        """Dual delay on (a delay in ms shorter than the session's) or off (None or 0)."""
+        if value is None or (value == 0 and not isinstance(value, bool)):
+            self.provisional_delay_ms = None
+            return
+        delay = self.check_delay(value, param)
+        try:
+            self.api.engine.check_provisional(self.delay_ms, delay, param)
+        except VoxtralError as e:
+            raise InvalidRequestError(str(e), param) from None
+        self.provisional_delay_ms = delay
 
     def check_idle(self, what: str) -> None:
         if self.turn is not None:
@@ -270,7 +287,8 @@ class LiveSession:
             self.turn = None
         if self.turn is None:
             ticket = self.api.engine.reserve(live=True)
-            job = self.api.engine.start_live(delay_ms=self.delay_ms, ticket=ticket)
+            job = self.api.engine.start_live(delay_ms=self.delay_ms, ticket=ticket,
+                                             provisional_delay_ms=self.provisional_delay_ms)
             resampler = self.audio_format.resampler() if self.vad is None else None
             self.turn = Turn(job, resampler, self.seconds if offset is None else offset, self.effective_delay_ms)
             task = asyncio.create_task(self.forward(self.turn))
@@ -318,6 +336,8 @@ class LiveSession:
                     await self.on_delta(turn, piece)
                 elif isinstance(event, Word):
                     await self.on_word(turn, event)
+                elif isinstance(event, Provisional):
+                    await self.on_provisional(turn, event.text)
                 elif isinstance(event, Finished):
                     await self.on_done(turn, event.results[0], Usage.from_results(event.results))
                     return

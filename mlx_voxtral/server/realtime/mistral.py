@@ -11,6 +11,9 @@ Client events: ``session.update`` (``session.audio_format``: ``encoding`` and
 ``code``: the HTTP status).
 
 ``target_streaming_delay_ms`` is the model's delay: a multiple of 80 from 80 to 2400.
+``provisional_streaming_delay_ms`` (an extension) turns dual delay on: a shorter delay whose
+text beyond the final text so far comes as ``transcription.text.provisional`` (``text``,
+replacing the previous one).
 The model does not detect the language, so ``transcription.language`` is never sent and
 ``done.language`` is the ``language`` the client gave, or null. With ``turn_detection``
 (``start_threshold``, ``min_silence_ms``) the server ends turns where ``vad.VoiceActivity``
@@ -40,7 +43,8 @@ class MistralSession(LiveSession):
     def describe(self) -> dict:
         return {"request_id": self.id, "model": self.model,
                 "audio_format": {"encoding": self.audio_format.encoding, "sample_rate": self.audio_format.rate},
-                "target_streaming_delay_ms": self.effective_delay_ms, "language": self.language,
+                "target_streaming_delay_ms": self.effective_delay_ms,
+                "provisional_streaming_delay_ms": self.provisional_delay_ms, "language": self.language,
                 "turn_detection": self.turn_detection}
 
     async def handle(self, event: dict) -> bool:
@@ -58,6 +62,8 @@ class MistralSession(LiveSession):
                 self.detect_turns(self.vad)  # the session's resampler follows the format
             if session.get("target_streaming_delay_ms") is not None:
                 self.delay_ms = self.check_delay(session["target_streaming_delay_ms"], "target_streaming_delay_ms")
+            self.set_provisional(session.get("provisional_streaming_delay_ms", self.provisional_delay_ms),
+                                 "provisional_streaming_delay_ms")
             if "turn_detection" in session:
                 self.set_turn_detection(session["turn_detection"])
             language = session.get("language")
@@ -98,6 +104,9 @@ class MistralSession(LiveSession):
 
     async def on_delta(self, turn: Turn, delta: str) -> None:
         await self.websocket.send_json({"type": "transcription.text.delta", "text": delta})
+
+    async def on_provisional(self, turn: Turn, text: str) -> None:
+        await self.websocket.send_json({"type": "transcription.text.provisional", "text": text})
 
     async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
         segments = [{"type": "transcription_segment", "text": s.text, "start": round(turn.offset + s.start, 3),

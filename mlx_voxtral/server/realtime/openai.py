@@ -15,7 +15,11 @@ Server events: ``session.created`` / ``.updated`` (beta: ``transcription_session
 The model is a streaming one: a turn's deltas start as soon as its audio arrives, before
 the ``commit`` that ends the turn; ``completed`` follows the commit. The delay: OpenAI's
 ``transcription.delay`` maps ``minimal`` / ``low`` / ``medium`` / ``high`` / ``xhigh`` to
-``DELAYS`` ms; ``transcription.delay_ms`` (an extension) takes any valid delay. Turns end
+``DELAYS`` ms; ``transcription.delay_ms`` (an extension) takes any valid delay. Dual delay
+(an extension): ``transcription.provisional_delay`` (a name of ``DELAYS``) or
+``.provisional_delay_ms``, shorter than the delay, adds
+``conversation.item.input_audio_transcription.provisional`` (``item_id``, ``content_index``,
+``text``: that faster delay's text beyond the final text so far, replacing the previous one). Turns end
 with ``commit``, or, with ``turn_detection: {"type": "server_vad"}`` (``threshold``,
 ``prefix_padding_ms``, ``silence_duration_ms``), where ``vad.VoiceActivity`` hears them end
 (``input_audio_buffer.speech_started`` / ``.speech_stopped``, then ``committed``); the silence
@@ -71,15 +75,19 @@ class OpenAISession(LiveSession):
         if self.beta:
             kind = {v: k for k, v in _BETA_FORMATS.items()}.get((f.encoding, f.rate), "pcm16")
             return {"id": self.id, "object": "realtime.transcription_session", "input_audio_format": kind,
-                    "input_audio_transcription": {**self.transcription, "delay_ms": self.effective_delay_ms},
+                    "input_audio_transcription": self._described_transcription(),
                     "turn_detection": self.turn_detection, "modalities": ["text"]}
         fmt = {"type": {v: k for k, v in _GA_FORMATS.items()}[f.encoding]}
         if f.encoding == "pcm_s16le":
             fmt["rate"] = f.rate
         return {"type": "transcription", "id": self.id, "object": "realtime.transcription_session",
                 "audio": {"input": {"format": fmt,
-                                    "transcription": {**self.transcription, "delay_ms": self.effective_delay_ms},
+                                    "transcription": self._described_transcription(),
                                     "turn_detection": self.turn_detection, "noise_reduction": None}}}
+
+    def _described_transcription(self) -> dict:
+        return {**self.transcription, "delay_ms": self.effective_delay_ms,
+                "provisional_delay_ms": self.provisional_delay_ms}
 
     def _transcription(self, options: dict, param: str) -> None:
         for name in ("model", "language", "prompt"):
@@ -94,6 +102,15 @@ class OpenAISession(LiveSession):
         if options.get("delay_ms") is not None:
             delay = self.check_delay(options["delay_ms"], f"{param}.delay_ms")
         self.delay_ms = delay
+        provisional = self.provisional_delay_ms
+        if options.get("provisional_delay") is not None:
+            if options["provisional_delay"] not in DELAYS:
+                raise InvalidRequestError(f"'{param}.provisional_delay' must be one of {', '.join(DELAYS)}",
+                                          f"{param}.provisional_delay")
+            provisional = DELAYS[options["provisional_delay"]]
+        if "provisional_delay_ms" in options:
+            provisional = options["provisional_delay_ms"]
+        self.set_provisional(provisional, f"{param}.provisional_delay_ms")
         self.transcription.update({k: options[k] for k in ("model", "language", "prompt") if k in options})
 
     def _turn_detection(self, value, param: str) -> None:
@@ -194,6 +211,10 @@ class OpenAISession(LiveSession):
     async def on_delta(self, turn: Turn, delta: str) -> None:
         await self.send("conversation.item.input_audio_transcription.delta", item_id=turn.id, content_index=0,
                         delta=delta)
+
+    async def on_provisional(self, turn: Turn, text: str) -> None:
+        await self.send("conversation.item.input_audio_transcription.provisional", item_id=turn.id,
+                        content_index=0, text=text)
 
     async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
         if not self.beta:

@@ -1,11 +1,13 @@
 """vLLM's Voxtral realtime dialect.
 
-Client events: ``session.update`` (``model``; optional ``delay_ms``, top level or under
-``session``), ``input_audio_buffer.append`` (``audio``: base64 PCM16 LE mono 16 kHz),
+Client events: ``session.update`` (``model``; optional ``delay_ms`` and
+``provisional_delay_ms``, top level or under ``session``), ``input_audio_buffer.append`` (``audio``: base64 PCM16 LE mono 16 kHz),
 ``input_audio_buffer.commit`` (``final: true`` ends the audio). Server events:
 ``session.created``, ``transcription.delta``, ``transcription.word`` (an extension: ``text``,
 ``start``, ``end`` in seconds of the connection's audio, as each word ends),
-``transcription.done`` (with ``usage``) and ``error``. After ``transcription.done`` the next append starts a new transcription on the
+``transcription.done`` (with ``usage``) and ``error``. With ``provisional_delay_ms`` (dual
+delay, an extension: a delay shorter than ``delay_ms``), ``transcription.provisional``
+(``text``: that faster delay's text beyond the final text so far, replacing the previous one). After ``transcription.done`` the next append starts a new transcription on the
 same connection.
 """
 
@@ -31,6 +33,8 @@ class VLLMSession(LiveSession):
                 raise InvalidRequestError("'model' must be a string", "model")
             if "delay_ms" in session:
                 self.delay_ms = self.check_delay(session["delay_ms"])
+            if "provisional_delay_ms" in session or "delay_ms" in session:
+                self.set_provisional(session.get("provisional_delay_ms", self.provisional_delay_ms))
         elif kind == "input_audio_buffer.append":
             return await self.append(self.decode_base64(event.get("audio")))
         elif kind == "input_audio_buffer.commit":
@@ -46,6 +50,9 @@ class VLLMSession(LiveSession):
 
     async def on_delta(self, turn: Turn, delta: str) -> None:
         await self.websocket.send_json({"type": "transcription.delta", "delta": delta})
+
+    async def on_provisional(self, turn: Turn, text: str) -> None:
+        await self.websocket.send_json({"type": "transcription.provisional", "text": text})
 
     async def on_word(self, turn: Turn, word: Word) -> None:
         await self.websocket.send_json({"type": "transcription.word", "text": word.text,
