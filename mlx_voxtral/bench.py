@@ -22,6 +22,13 @@ measures, as the modes ask:
 * ``archive``: an archive of N files (the audio, shifted per file, as wav files) through
   ``transcribe_many``, one file at a time and N at once: audio hours per wall hour, the
   files' decoding included;
+* ``dual``: live streaming (80 ms chunks, each fed once the previous one is decoded) at one
+  delay and with dual delay (the same delay plus a faster one over the same encoder pass):
+  RTFx of each and the cost ratio;
+* ``dialects``: each realtime dialect (vLLM, OpenAI, Mistral) through a real server on
+  loopback, 80 ms chunks sent at real-time pace: per-chunk latency (a text event's arrival
+  after the chunk sent just before it) and the end-of-audio latency (the last chunk to the
+  final text); and the cost of server-side turn detection (webrtcvad) per 30 ms frame;
 * ``imports``: offline RTFx with ``import mlx.core`` before and after ``import mlx_voxtral``.
 
 It also measures the machine (memory read bandwidth, matmul throughput per backend and
@@ -36,6 +43,7 @@ the same checkpoint and audio, each in its own subprocess (optionally another Py
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -260,6 +268,8 @@ class Result:
     graph: dict = field(default_factory=dict)
     fairness: dict = field(default_factory=dict)
     archive: dict = field(default_factory=dict)
+    dual: dict = field(default_factory=dict)
+    dialects: dict = field(default_factory=dict)
     import_first: str = "mlx_voxtral"
     error: Optional[str] = None
 
@@ -473,13 +483,125 @@ def _fairness(model, live: np.ndarray, upload: np.ndarray, chunk_ms: int = 80) -
     }
 
 
+def _live_rtfx(model, audio: np.ndarray, delays: tuple, chunk_ms: int = 80) -> tuple[float, int]:
+    """RTFx of one live stream (80 ms chunks, each fed once the previous is decoded) decoded
+    at ``delays[0]``, followed at the faster ``delays[1:]`` (dual delay); and the encoder's tokens."""
+    from .generate import Batch
+    from .session import Session
+
+    chunk = int(SAMPLE_RATE * chunk_ms / 1000)
+    batch = Batch(model)
+    sessions = [Session(model, d) for d in delays]
+    batch.add(sessions[0])
+    for s in sessions[1:]:
+        batch.add(s, follows=sessions[0])
+    t0 = time.perf_counter()
+    for i in range(0, len(audio), chunk):
+        for s in sessions:
+            s.push(audio[i : i + chunk])
+        batch.drain()
+    for s in sessions:
+        s.finish()
+    batch.drain()
+    return len(audio) / SAMPLE_RATE / (time.perf_counter() - t0), batch.encoded_tokens
+
+
+def _dual(model, audio: np.ndarray, delay_ms: int = 480, fast_ms: int = 160) -> dict:
+    one, tokens_one = _live_rtfx(model, audio, (delay_ms,))
+    two, tokens_two = _live_rtfx(model, audio, (delay_ms, fast_ms))
+    return {"delay_ms": delay_ms, "provisional_delay_ms": fast_ms, "rtfx_one": round(one, 3),
+            "rtfx_dual": round(two, 3), "cost_ratio": round(one / two, 2),
+            "encoder_tokens_one": tokens_one, "encoder_tokens_dual": tokens_two}
+
+
+def _dialects(model, audio: np.ndarray, chunk_ms: int = 80) -> dict:
+    """Each dialect through a real server on loopback (see the module docstring)."""
+    import asyncio
+    import base64
+    import socket
+
+    import uvicorn
+    import websockets
+
+    from .server.app import create_app
+
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    step = int(SAMPLE_RATE * chunk_ms / 1000) * 2
+    dialects = {
+        "vllm": ("/v1/realtime", {"type": "session.update", "model": "default"}, "input_audio_buffer.append",
+                 {"type": "input_audio_buffer.commit", "final": True}, {"transcription.delta"}, "transcription.done"),
+        "openai": ("/v1/realtime", {"type": "session.update", "session": {"type": "transcription", "audio": {
+            "input": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "turn_detection": None}}}},
+            "input_audio_buffer.append", {"type": "input_audio_buffer.commit"},
+            {"conversation.item.input_audio_transcription.delta"},
+            "conversation.item.input_audio_transcription.completed"),
+        "mistral": ("/v1/audio/transcriptions/realtime", {"type": "session.update", "session": {
+            "audio_format": {"encoding": "pcm_s16le", "sample_rate": SAMPLE_RATE}}}, "input_audio.append",
+            {"type": "input_audio.flush"}, {"transcription.text.delta"}, "transcription.done"),
+    }
+
+    async def one(url, update, append, end, deltas, final) -> dict:
+        async with websockets.connect(url, max_size=None) as ws:
+            await ws.recv()
+            await ws.send(json.dumps(update))
+            sent, latencies, done = [0.0], [], asyncio.get_running_loop().create_future()
+
+            async def reader():
+                while True:
+                    event = json.loads(await ws.recv())
+                    if event["type"] in deltas:
+                        latencies.append(time.perf_counter() - sent[0])
+                    elif event["type"] in (final, "error"):
+                        done.set_result((time.perf_counter(), event))
+                        return
+
+            task = asyncio.create_task(reader())
+            start = time.perf_counter()
+            for k, i in enumerate(range(0, len(pcm), step)):
+                await asyncio.sleep(max(0.0, start + k * chunk_ms / 1000 - time.perf_counter()))
+                sent[0] = time.perf_counter()
+                await ws.send(json.dumps({"type": append, "audio": base64.b64encode(pcm[i : i + step]).decode()}))
+            end_at = time.perf_counter()
+            await ws.send(json.dumps(end))
+            finished, event = await done
+            await task
+            if event["type"] == "error":
+                raise VoxtralError(f"the server answered an error: {event}")
+        lat = np.array(latencies) if latencies else np.zeros(1)
+        return {"events": len(latencies), "chunk_latency_p50_s": round(float(np.median(lat)), 4),
+                "chunk_latency_p95_s": round(float(np.percentile(lat, 95)), 4),
+                "end_latency_s": round(finished - end_at, 3)}
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model, model_name="default"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        out = {name: asyncio.run(one(f"ws://127.0.0.1:{port}{d[0]}", *d[1:])) for name, d in dialects.items()}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    out["audio_s"] = round(len(audio) / SAMPLE_RATE, 1)
+    from .server.realtime.vad import FRAME, VoiceActivity
+
+    vad, start = VoiceActivity(), time.perf_counter()
+    for i in range(0, len(audio), SAMPLE_RATE // 10):
+        list(vad(audio[i : i + SAMPLE_RATE // 10]))
+    out["vad_us_per_frame"] = round((time.perf_counter() - start) / (len(audio) / FRAME) * 1e6, 1)
+    return out
+
+
 def run_worker(spec: dict) -> dict:
     """Everything for one backend and precision (runs in its own process)."""
     from .loader import load
 
     dtype_name, bits = PRECISIONS[spec["precision"]]
     result = Result(spec["precision"], spec["backend"], import_first=spec.get("import_first", "mlx_voxtral"))
-    from . import tokenizer  # noqa: F401  (mistral-common: counted before the model)
+    importlib.import_module(".tokenizer", __package__)  # mistral-common: counted before the model
 
     result.rss_before_load_gb = round(_rss() / 1e9, 3)
     t0 = time.perf_counter()
@@ -505,6 +627,10 @@ def run_worker(spec: dict) -> dict:
         result.graph = _graph(model, shortest, spec["graph_streams"])
     if "archive" in modes:
         result.archive = _archive(model, shortest, spec["streams"])
+    if "dual" in modes:
+        result.dual = _dual(model, shortest)
+    if "dialects" in modes:
+        result.dialects = _dialects(model, shortest)
     if "fairness" in modes:
         result.fairness = _fairness(model, shortest, speech(spec["upload_seconds"], spec.get("audio")))
     result.peak_rss_gb = round(_peak_rss() / 1e9, 3)
@@ -652,6 +778,8 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
                 f"{_fmt(o['prefill_tok_s']):>11} {o['decode_ms_per_token']:>9} {decode_bound:>8.1f}"
             )
         pad = " " * 14
+        if not r["offline"]:
+            lines.append(head)
         if r["streaming"]:
             s = r["streaming"]
             lines.append(
@@ -676,6 +804,17 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
             lines.append(f"{pad} archive of {a['files']} files ({a['audio_s_per_file']} s each): "
                          f"{a['audio_h_per_h_batch_1']} audio h/h one at a time, {many} h/h {a['files']} at once "
                          f"({a['speedup']}x)")
+        if r.get("dual"):
+            d = r["dual"]
+            lines.append(f"{pad} dual delay ({d['delay_ms']} + {d['provisional_delay_ms']} ms, live 80 ms chunks): "
+                         f"RTFx {d['rtfx_dual']} vs {d['rtfx_one']} at one delay ({d['cost_ratio']}x the cost); "
+                         f"encoder tokens {d['encoder_tokens_dual']} vs {d['encoder_tokens_one']}")
+        if r.get("dialects"):
+            d = r["dialects"]
+            lines.append(f"{pad} realtime dialects ({d['audio_s']} s at real-time pace, 80 ms chunks): " + "; ".join(
+                f"{n} per-chunk p50 {v['chunk_latency_p50_s']} / p95 {v['chunk_latency_p95_s']} s, end of audio to "
+                f"final {v['end_latency_s']} s" for n, v in d.items() if isinstance(v, dict))
+                + f"; turn detection {d['vad_us_per_frame']} us per 30 ms frame")
         if r["fairness"]:
             f = r["fairness"]
             lines.append(
@@ -741,7 +880,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--precisions", default="fp32,bf16,8,4",
                         help="of fp32, bf16, 8, 4, stored (the folder as it is, e.g. converted)")
     parser.add_argument("--modes", default="offline,streaming,concurrent",
-                        help="of offline, streaming, concurrent, graph, fairness, archive, imports; "
+                        help="of offline, streaming, concurrent, graph, fairness, archive, dual, dialects, "
+                             "imports; "
                              "\"load\" alone measures loading only")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams (and the archive mode's files)")
     parser.add_argument("--graph-streams", default="1,8,32", help="stream counts of the graph mode")
@@ -767,7 +907,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if p not in PRECISIONS:
             parser.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
     modes = [m for m in args.modes.split(",") if m]
-    known = ("load", "offline", "streaming", "concurrent", "graph", "fairness", "archive", "imports")
+    known = ("load", "offline", "streaming", "concurrent", "graph", "fairness", "archive", "dual", "dialects", "imports")
     for m in modes:
         if m not in known:
             parser.error(f"unknown mode {m!r}; choose from {', '.join(known)}")
