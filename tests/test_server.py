@@ -209,6 +209,20 @@ def test_transcription_formats(server, clips, refs):
     assert "".join(deltas) == ref.text and len(deltas) > 1
 
 
+def test_delay_per_request(server, model_fp32, clips):
+    """``delay_ms`` on chat completions (a body field) and transcriptions (a form field) is the
+    model's delay for that request: the answer is offline ``transcribe`` at that delay."""
+    clip = clips["speech_2.0s"]
+    for delay in (240, 960):
+        want = mlx_voxtral.transcribe(model_fp32, clip, delay_ms=delay)
+        chat = server.http.post("/v1/chat/completions", json={**chat_body(data_url(clip)), "delay_ms": delay})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == want.text
+        form = server.http.post("/v1/audio/transcriptions", files={"file": clip.read_bytes()},
+                                data={"delay_ms": str(delay)})
+        assert form.status_code == 200 and form.json()["text"] == want.text
+    assert want.text != mlx_voxtral.transcribe(model_fp32, clip, delay_ms=240).text  # the delay matters
+
+
 def test_models_and_health(server):
     models = openai.OpenAI(api_key="x", base_url=f"{server.url}/v1/").models.list()
     assert [m.id for m in models.data] == ["default"]
