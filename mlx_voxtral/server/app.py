@@ -97,6 +97,8 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MIN_AUDIO_SAMPLES = 160  # 10 ms: less is no speech (and a sign of a truncated file)
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
+LIVE_SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # + the key: how a browser sends one
 
 
 def guarded(handler):
@@ -311,7 +313,20 @@ class VoxtralAPI:
         if self.api_key is None:
             return True
         scheme, _, key = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        return scheme.lower() == "bearer" and self._key_matches(key.strip())
+
+    def _key_matches(self, key: str) -> bool:
+        return hmac.compare_digest(key.encode(), self.api_key.encode())
+
+    def _live_authorized(self, websocket: WebSocket) -> bool:
+        """A websocket's key: ``Authorization: Bearer`` or, from a browser (which cannot set
+        headers on a websocket and must not put a key in a URL), the subprotocol
+        ``openai-insecure-api-key.<key>`` next to ``realtime``, as OpenAI's Realtime API
+        takes it."""
+        if self._authorized(websocket.headers):
+            return True
+        keys = [p[len(KEY_SUBPROTOCOL):] for p in _subprotocols(websocket) if p.startswith(KEY_SUBPROTOCOL)]
+        return len(keys) == 1 and self._key_matches(keys[0])
 
     def _authorize(self, request: Request) -> None:
         if not self._authorized(request.headers):
@@ -547,15 +562,17 @@ class VoxtralAPI:
         return bool(host) and origin in (f"http://{host}", f"https://{host}")
 
     async def _open_live(self, websocket: WebSocket) -> bool:
-        """Authorize and accept a realtime websocket; False when it was refused."""
-        if not self._authorized(websocket.headers):
+        """Authorize and accept a realtime websocket; False when it was refused. A client
+        that offers subprotocols gets ``realtime`` if it offered it (a browser fails a
+        handshake that answers none of those it offered), never its key."""
+        if not self._live_authorized(websocket):
             await _deny(websocket, APIError(401, "invalid or missing API key", code="invalid_api_key"))
             return False
         if not self._origin_allowed(websocket):
             await _deny(websocket, APIError(403, "this origin may not open a realtime session",
                                             "permission_error", code="forbidden_origin"))
             return False
-        await websocket.accept()
+        await websocket.accept(subprotocol=LIVE_SUBPROTOCOL if LIVE_SUBPROTOCOL in _subprotocols(websocket) else None)
         return True
 
     async def realtime(self, websocket: WebSocket) -> None:
@@ -602,6 +619,11 @@ class VoxtralAPI:
         await session.run()
 
 
+def _subprotocols(websocket: WebSocket) -> list[str]:
+    """The subprotocols the client offered (the ASGI server parsed them)."""
+    return list(websocket.scope.get("subprotocols") or [])
+
+
 async def _deny(websocket: WebSocket, error: APIError) -> None:
     """Refuse a websocket before accepting it: the HTTP error where the server can send one,
     else a close (1008)."""
@@ -638,7 +660,9 @@ def create_app(
             app makes an ``Engine`` with ``max_concurrency``, ``max_queue``, ``max_live`` and
             ``request_timeout`` and closes it at shutdown).
         model_name: the id ``/v1/models`` lists and responses carry.
-        api_key: if set, every route but ``/health`` needs ``Authorization: Bearer <key>``.
+        api_key: if set, every route but ``/health`` needs
+            ``Authorization: Bearer <key>`` (websockets: or the ``openai-insecure-api-key.<key>``
+            subprotocol, a browser's only way).
         policy: which ``audio_url`` locations may be read; default: data URLs only.
         max_upload_bytes: limit on audio size (a JSON body may be 4/3 of it, for base64).
         max_audio_seconds: limit on a request's audio, summed over its parts (``None``: no
