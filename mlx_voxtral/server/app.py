@@ -10,6 +10,8 @@ Routes:
   (transcription sessions, GA and beta); ``WS /v1/audio/transcriptions/realtime``: Mistral's
   realtime transcription API (``server.realtime``, one module per dialect).
 * ``GET /v1/models``, ``GET /health``.
+* ``GET /``: the live-captions page (``static/``: plain HTML, CSS and JS modules, no build
+  step, nothing from other servers), which speaks vLLM's dialect at ``/v1/realtime``.
 
 This module only parses, validates and shapes; all model work is the engine's. Errors are
 OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``:
@@ -52,6 +54,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import AsyncIterator, Iterator, Optional
 
 import numpy as np
@@ -60,8 +63,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from ..audio import SAMPLE_RATE, iter_audio
@@ -619,6 +623,24 @@ class VoxtralAPI:
         await session.run()
 
 
+# The live-captions page: static files of the package, no key needed (they hold no secret).
+# Its policy keeps it to this server: nothing fetched from elsewhere, no inline script.
+STATIC = Path(__file__).parent / "static"
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                               "media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def live_page(request: Request) -> Response:
+    """``GET /``: the live-captions page (``static/index.html``)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+
 def _subprotocols(websocket: WebSocket) -> list[str]:
     """The subprotocols the client offered (the ASGI server parsed them)."""
     return list(websocket.scope.get("subprotocols") or [])
@@ -660,7 +682,7 @@ def create_app(
             app makes an ``Engine`` with ``max_concurrency``, ``max_queue``, ``max_live`` and
             ``request_timeout`` and closes it at shutdown).
         model_name: the id ``/v1/models`` lists and responses carry.
-        api_key: if set, every route but ``/health`` needs
+        api_key: if set, every route but ``/health`` and the page's static files needs
             ``Authorization: Bearer <key>`` (websockets: or the ``openai-insecure-api-key.<key>``
             subprotocol, a browser's only way).
         policy: which ``audio_url`` locations may be read; default: data URLs only.
@@ -705,6 +727,8 @@ def create_app(
             Route("/v1/audio/transcriptions", guarded(api.transcriptions), methods=["POST"]),
             WebSocketRoute("/v1/realtime", api.realtime),
             WebSocketRoute("/v1/audio/transcriptions/realtime", api.mistral_realtime),
+            Route("/", live_page, methods=["GET", "HEAD"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         exception_handlers={HTTPException: _api_error_handler, Exception: _api_error_handler},
         lifespan=lifespan,
