@@ -33,6 +33,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 import mlx_voxtral  # noqa: E402
 from mlx_voxtral.server import engine as engine_module  # noqa: E402
 from mlx_voxtral.server.app import create_app  # noqa: E402
+from mlx_voxtral.server.realtime import vllm  # noqa: E402
 from mlx_voxtral.writers import render  # noqa: E402
 
 from serving import Served  # noqa: E402
@@ -58,7 +59,7 @@ def browser(profile: Path, downloads: Path, *flags: str):
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager: never fetch a driver or browser
+    # the driver's path given: selenium skips Selenium Manager, which would fetch one
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     return driver
@@ -237,6 +238,42 @@ def test_file_captions_equal_offline(chrome, server, offline, clips, tmp_path):
     if os.environ.get("MLX_VOXTRAL_SCREENSHOT") == "1" or not docs.exists():  # README's picture
         docs.parent.mkdir(exist_ok=True)
         shutil.copyfile(screenshot, docs)
+
+
+WATCH_PROVISIONAL = """
+window.provisionalSeen = [];
+new MutationObserver(() => {
+  for (const el of document.querySelectorAll("#captions .provisional")) {
+    if (el.textContent) window.provisionalSeen.push([el.textContent, getComputedStyle(el).fontStyle,
+                                                     getComputedStyle(el).color]);
+  }
+}).observe(document.getElementById("captions"), {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.mark.skipif("transcription.provisional" not in Path(vllm.__file__).read_text(),
+                    reason="this server has no dual delay yet (no transcription.provisional in vLLM's dialect)")
+def test_dual_delay_shows_provisional_text(chrome, server, offline, clips):
+    """Dual delay on (the keyboard alone): fast text shows in its own style after the final
+    text while the file streams; at the end it is gone and the final text is the offline
+    text at the (final) delay."""
+    driver = chrome
+    open_page(driver, server)
+    dual = driver.find_element(By.ID, "dual")
+    dual.send_keys(Keys.SPACE)
+    assert dual.is_selected() and driver.find_element(By.ID, "provisional-delay").is_enabled()
+    assert driver.find_element(By.ID, "delay").get_attribute("value") == str(offline.delay_ms)
+    driver.execute_script(WATCH_PROVISIONAL)
+    driver.find_element(By.ID, "file").send_keys(str(clips["a16"]))
+    wait_for(driver, lambda: "done" in text(driver, "#status"), 60, "the file's captions")
+    assert text(driver, "#message") == ""
+    assert captions(driver) == [offline.text]
+    seen = driver.execute_script("return window.provisionalSeen")
+    assert seen, "no provisional text was shown"
+    final_color = driver.execute_script("return getComputedStyle(document.querySelector('#captions .final')).color")
+    assert all(style == "italic" and color != final_color for _, style, color in seen)
+    assert text(driver, "#captions .provisional") == ""
+    assert min(contrast(driver, "#captions .provisional").values()) >= 4.5
 
 
 def test_microphone_captions_equal_what_the_server_received(chrome, server, model_fp32, received):
