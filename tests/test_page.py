@@ -239,6 +239,9 @@ def test_file_captions_equal_offline(chrome, server, offline, clips, tmp_path):
         docs.parent.mkdir(exist_ok=True)
         shutil.copyfile(screenshot, docs)
 
+    driver.find_element(By.ID, "clear").send_keys(Keys.ENTER)
+    assert captions(driver) == [] and not driver.find_element(By.ID, "srt").is_enabled()
+
 
 WATCH_PROVISIONAL = """
 window.provisionalSeen = [];
