@@ -8,6 +8,10 @@ test compares the captions with offline ``transcribe`` of exactly the 16 kHz sam
 server's live job received (recorded by wrapping ``Job.append``). The file picker streams
 a 16 kHz file sample for sample, so that test compares with offline ``transcribe`` of the
 file itself, and its SRT/VTT downloads with ``mlx-voxtral transcribe --format srt|vtt``.
+
+Each run saves a screenshot in the file test's tmp folder; README's ``docs/page.png`` is
+written only when it is missing or ``MLX_VOXTRAL_SCREENSHOT=1`` (a test run leaves the
+checkout as it was).
 """
 
 from __future__ import annotations
@@ -276,6 +280,7 @@ def test_dual_delay_shows_provisional_text(chrome, server, offline, clips):
     final_color = driver.execute_script("return getComputedStyle(document.querySelector('#captions .final')).color")
     assert all(style == "italic" and color != final_color for _, style, color in seen)
     assert text(driver, "#captions .provisional") == ""
+    assert driver.find_element(By.CSS_SELECTOR, "#captions .provisional").get_attribute("aria-hidden") == "true"
     assert min(contrast(driver, "#captions .provisional").values()) >= 4.5
 
 

@@ -59,6 +59,7 @@ class Turn {
     this.finalEl.append(this.tail);
     this.provEl = document.createElement("span");
     this.provEl.className = "provisional";
+    this.provEl.setAttribute("aria-hidden", "true"); // a preview: screen readers get the final text only
     this.el.append(this.finalEl, this.provEl);
     ui.captions.append(this.el);
     turns.push(this);
