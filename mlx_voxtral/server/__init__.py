@@ -136,6 +136,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
         allowed_origins=args.allow_origin,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    page_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else f"[{args.host}]" if ":" in args.host else args.host
+    logging.getLogger(__name__).info("live captions in the browser: http://%s:%d/", page_host, args.port)
     settings = uvicorn_settings(args.header_timeout, args.limit_concurrency, args.timeout_keep_alive)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                   timeout_graceful_shutdown=10, **settings)).run()
