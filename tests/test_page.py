@@ -9,9 +9,9 @@ server's live job received (recorded by wrapping ``Job.append``). The file picke
 a 16 kHz file sample for sample, so that test compares with offline ``transcribe`` of the
 file itself, and its SRT/VTT downloads with ``mlx-voxtral transcribe --format srt|vtt``.
 
-Each run saves a screenshot in the file test's tmp folder; README's ``docs/page.png`` is
-written only when it is missing or ``MLX_VOXTRAL_SCREENSHOT=1`` (a test run leaves the
-checkout as it was).
+The file and dual-delay tests save screenshots in their tmp folders; README's
+``docs/page.png`` (the dual-delay one) is written only when it is missing or
+``MLX_VOXTRAL_SCREENSHOT=1``, so that a test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
@@ -174,6 +174,17 @@ def chrome(tmp_path_factory, clips):
     driver.quit()
 
 
+def screenshot(driver, path: Path, readme: bool = False) -> None:
+    """A PNG of the page at ``path``; with ``readme``, also README's ``docs/page.png`` when
+    that is missing or ``MLX_VOXTRAL_SCREENSHOT=1``."""
+    driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+    docs = ROOT / "docs" / "page.png"
+    if readme and (os.environ.get("MLX_VOXTRAL_SCREENSHOT") == "1" or not docs.exists()):
+        docs.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, docs)
+
+
 def download(driver, button: str, name: str) -> str:
     target = driver.downloads / name
     target.unlink(missing_ok=True)
@@ -235,13 +246,7 @@ def test_file_captions_equal_offline(chrome, server, offline, clips, tmp_path):
     assert len(ratios) > 10 and min(ratios.values()) >= 4.5, ratios
 
     ActionChains(driver).move_to_element(spans[len(spans) // 2]).perform()
-    screenshot = tmp_path / "page.png"
-    driver.save_screenshot(str(screenshot))
-    assert screenshot.stat().st_size > 10_000
-    docs = ROOT / "docs" / "page.png"
-    if os.environ.get("MLX_VOXTRAL_SCREENSHOT") == "1" or not docs.exists():  # README's picture
-        docs.parent.mkdir(exist_ok=True)
-        shutil.copyfile(screenshot, docs)
+    screenshot(driver, tmp_path / "page.png")
 
     driver.find_element(By.ID, "clear").send_keys(Keys.ENTER)
     assert captions(driver) == [] and not driver.find_element(By.ID, "srt").is_enabled()
@@ -260,7 +265,7 @@ new MutationObserver(() => {
 
 @pytest.mark.skipif("transcription.provisional" not in Path(vllm.__file__).read_text(),
                     reason="this server has no dual delay yet (no transcription.provisional in vLLM's dialect)")
-def test_dual_delay_shows_provisional_text(chrome, server, offline, clips):
+def test_dual_delay_shows_provisional_text(chrome, server, offline, clips, tmp_path):
     """Dual delay on (the keyboard alone): fast text shows in its own style after the final
     text while the file streams; at the end it is gone and the final text is the offline
     text at the (final) delay."""
@@ -272,6 +277,12 @@ def test_dual_delay_shows_provisional_text(chrome, server, offline, clips):
     assert driver.find_element(By.ID, "delay").get_attribute("value") == str(offline.delay_ms)
     driver.execute_script(WATCH_PROVISIONAL)
     driver.find_element(By.ID, "file").send_keys(str(clips["a16"]))
+    # README's picture: mid-stream, final and provisional text, a word's time on hover
+    wait_for(driver, lambda: driver.execute_script(
+        "return document.querySelectorAll('#captions .word').length >= 3"
+        " && document.querySelector('#captions .provisional').textContent !== ''"), 30, "provisional text")
+    ActionChains(driver).move_to_element(driver.find_elements(By.CSS_SELECTOR, "#captions .word")[1]).perform()
+    screenshot(driver, tmp_path / "page-dual-delay.png", readme=True)
     wait_for(driver, lambda: "done" in text(driver, "#status"), 60, "the file's captions")
     assert text(driver, "#message") == ""
     assert captions(driver) == [offline.text]
