@@ -148,12 +148,13 @@ def server(model_fp32, offline):
 
 @pytest.fixture(scope="module")
 def received(offline):
-    """The 16 kHz audio each live job was given, by job (``Job.append`` wrapped)."""
+    """The 16 kHz audio each live job was given: ``id(job) -> (job, [chunks])``, the job kept
+    so that its id is never reused (``Job.append`` wrapped)."""
     jobs: dict = {}
     real = engine_module.Job.append
 
     def recording(self, samples):
-        jobs.setdefault(id(self), []).append(np.asarray(samples, np.float32).reshape(-1).copy())
+        jobs.setdefault(id(self), (self, []))[1].append(np.asarray(samples, np.float32).reshape(-1).copy())
         return real(self, samples)
 
     engine_module.Job.append = recording
@@ -309,7 +310,7 @@ def test_microphone_captions_equal_what_the_server_received(chrome, server, mode
     time.sleep(2.5)
     driver.find_element(By.ID, "stop").send_keys(Keys.ENTER)
     wait_for(driver, lambda: "done" in text(driver, "#status"), 30, "the final captions")
-    jobs = [received[j] for j in received if j not in before]
+    jobs = [chunks for j, (_, chunks) in received.items() if j not in before]
     assert len(jobs) == 1
     audio = np.concatenate(jobs[0])
     assert audio.shape[0] > 2 * 16000 and np.abs(audio).max() > 0.05  # speech, not silence
