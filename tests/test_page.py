@@ -37,7 +37,6 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 import mlx_voxtral  # noqa: E402
 from mlx_voxtral.server import engine as engine_module  # noqa: E402
 from mlx_voxtral.server.app import create_app  # noqa: E402
-from mlx_voxtral.server.realtime import vllm  # noqa: E402
 from mlx_voxtral.writers import render  # noqa: E402
 
 from serving import Served  # noqa: E402
@@ -264,8 +263,6 @@ new MutationObserver(() => {
 """
 
 
-@pytest.mark.skipif("transcription.provisional" not in Path(vllm.__file__).read_text(),
-                    reason="this server has no dual delay yet (no transcription.provisional in vLLM's dialect)")
 def test_dual_delay_shows_provisional_text(chrome, server, offline, clips, tmp_path):
     """Dual delay on (the keyboard alone): fast text shows in its own style after the final
     text while the file streams; at the end it is gone and the final text is the offline
