@@ -12,8 +12,9 @@ dev=0
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   # libopenblas0-pthread: the fast BLAS mlx_voxtral puts under MLX's CPU backend.
   # ffmpeg/libsndfile1: audio decoding. espeak-ng/sox: speech synthesis for the tests.
+  # chromium/chromium-driver: the live page's test in a real headless browser.
   packages="libopenblas0-pthread libsndfile1 ffmpeg"
-  [ "$dev" = 1 ] && packages="$packages espeak-ng sox"
+  [ "$dev" = 1 ] && packages="$packages espeak-ng sox chromium chromium-driver"
   missing=""
   for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
   if [ -n "$missing" ]; then

@@ -428,6 +428,8 @@ def test_decode_bombs_stay_small(server):
 @pytest.mark.parametrize("method, path, status", [
     ("GET", "/v1/chat/completions", 405), ("PUT", "/v1/audio/transcriptions", 405), ("GET", "/nope", 404),
     ("DELETE", "/v1/models", 405), ("GET", "/v1/realtime", 404), ("POST", "/health", 405),
+    ("POST", "/", 405), ("GET", "/static/nope.js", 404), ("GET", "/static/../app.py", 404),
+    ("GET", "/static/%2e%2e/app.py", 404), ("POST", "/static/page.js", 405),
 ])
 def test_routes(server, method, path, status):
     check(server.http.request(method, path), status)

@@ -403,3 +403,35 @@ def test_dual_delay_errors(live):
     errors = asyncio.run(run())
     assert all(e["type"] == "error" and e["error"]["param"] == "provisional_delay_ms" for e in errors), errors
     assert "shorter than the delay (480 ms)" in errors[0]["error"]["message"]
+
+
+# vLLM's dialect at the client's rate (the live page sends its microphone's) ------------------
+def test_vllm_audio_format_at_the_device_rate(live, fp32, clips):
+    """``audio_format`` in vLLM's session.update: 24 kHz PCM16 is resampled by the server and
+    equals offline ``transcribe`` of the 24 kHz file; a bad format is an error event and the
+    session keeps its previous settings."""
+    async def run():
+        async with websockets.connect(live.ws_url + "/v1/realtime", max_size=None) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            errors = []
+            for fmt in ("pcm", {"encoding": "pcm_s16le", "sample_rate": 1}, {"encoding": "mp3"}):
+                await ws.send(json.dumps({"type": "session.update", "delay_ms": 960, "audio_format": fmt}))
+                errors.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "session.update", "model": "default",
+                                      "audio_format": {"encoding": "pcm_s16le", "sample_rate": 24000}}))
+            for piece in chunks(raw(clips["a24"]), 4800):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": base64.b64encode(piece).decode()}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+            deltas = []
+            while (event := json.loads(await ws.recv()))["type"] != "transcription.done":
+                assert event["type"] in ("transcription.delta", "transcription.word"), event
+                if event["type"] == "transcription.delta":
+                    deltas.append(event["delta"])
+            return errors, deltas, event
+
+    errors, deltas, done = asyncio.run(run())
+    assert [e["error"]["param"] for e in errors] == ["audio_format"] * 3, errors
+    assert "sample rate" in errors[1]["error"]["message"] and "mp3" in errors[2]["error"]["message"]
+    want = mlx_voxtral.transcribe(fp32, clips["a24"])  # the default delay: the bad updates set nothing
+    assert done["text"] == "".join(deltas) == want.text

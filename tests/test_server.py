@@ -253,6 +253,8 @@ def test_realtime_bad_events(server, refs):
         json.dumps({"type": "input_audio_buffer.append"}),
         json.dumps({"type": "session.update", "delay_ms": 100}),
         json.dumps({"type": "session.update", "model": 3}),
+        json.dumps({"type": "session.update", "audio_format": {"sample_rate": 1}}),
+        json.dumps({"type": "session.update", "audio_format": "pcm"}),
     ]
 
     async def run():
@@ -287,6 +289,25 @@ def test_realtime_needs_api_key(auth_server, refs):
     deltas, done, _ = asyncio.run(realtime(url, refs["pcm16_samples"][:8000],
                                            headers={"Authorization": f"Bearer {API_KEY}"}))
     assert done["type"] == "transcription.done" and "".join(deltas) == done["text"]
+
+
+def test_realtime_key_as_subprotocol(auth_server, refs):
+    """A browser's way (it cannot set headers on a websocket, and a key in a URL leaks): the key
+    as the ``openai-insecure-api-key.<key>`` subprotocol; the server answers ``realtime``."""
+    url = auth_server.url.replace("http", "ws") + "/v1/realtime"
+
+    async def session(*protocols):
+        async with websockets.connect(url, subprotocols=list(protocols)) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            return ws.subprotocol
+
+    assert asyncio.run(session("realtime", f"openai-insecure-api-key.{API_KEY}")) == "realtime"
+    for protocols in (("realtime", "openai-insecure-api-key.wrong"), ("realtime",),
+                      ("realtime", f"openai-insecure-api-key.{API_KEY}x"),
+                      ("realtime", "openai-insecure-api-key.wrong", f"openai-insecure-api-key.{API_KEY}")):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+            asyncio.run(session(*protocols))
+        assert e.value.response.status_code == 401, protocols
 
 
 # concurrency --------------------------------------------------------------------------------

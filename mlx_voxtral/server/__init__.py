@@ -32,7 +32,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--api-key", default=os.environ.get("MLX_VOXTRAL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $MLX_VOXTRAL_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' (websockets: or the subprotocol "
+                        "openai-insecure-api-key.KEY, as the page at / sends it; default: $MLX_VOXTRAL_API_KEY)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a slot before 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (0: none)")
@@ -135,6 +136,8 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = "python -m mlx_
         allowed_origins=args.allow_origin,
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    page_host = "127.0.0.1" if args.host in WILDCARD_HOSTS else f"[{args.host}]" if ":" in args.host else args.host
+    logging.getLogger(__name__).info("live captions in the browser: http://%s:%d/", page_host, args.port)
     settings = uvicorn_settings(args.header_timeout, args.limit_concurrency, args.timeout_keep_alive)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                   timeout_graceful_shutdown=10, **settings)).run()

@@ -10,6 +10,8 @@ Routes:
   (transcription sessions, GA and beta); ``WS /v1/audio/transcriptions/realtime``: Mistral's
   realtime transcription API (``server.realtime``, one module per dialect).
 * ``GET /v1/models``, ``GET /health``.
+* ``GET /``: the live-captions page (``static/``: plain HTML, CSS and JS modules, no build
+  step, nothing from other servers), which speaks vLLM's dialect at ``/v1/realtime``.
 
 This module only parses, validates and shapes; all model work is the engine's. Errors are
 OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``:
@@ -52,6 +54,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import AsyncIterator, Iterator, Optional
 
 import numpy as np
@@ -60,8 +63,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from ..audio import SAMPLE_RATE, iter_audio
@@ -97,6 +101,8 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MIN_AUDIO_SAMPLES = 160  # 10 ms: less is no speech (and a sign of a truncated file)
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("word", "segment")
+LIVE_SUBPROTOCOL = "realtime"
+KEY_SUBPROTOCOL = "openai-insecure-api-key."  # + the key: how a browser sends one
 
 
 def guarded(handler):
@@ -311,7 +317,20 @@ class VoxtralAPI:
         if self.api_key is None:
             return True
         scheme, _, key = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        return scheme.lower() == "bearer" and self._key_matches(key.strip())
+
+    def _key_matches(self, key: str) -> bool:
+        return hmac.compare_digest(key.encode(), self.api_key.encode())
+
+    def _live_authorized(self, websocket: WebSocket) -> bool:
+        """A websocket's key: ``Authorization: Bearer`` or, from a browser (which cannot set
+        headers on a websocket and must not put a key in a URL), the subprotocol
+        ``openai-insecure-api-key.<key>`` next to ``realtime``, as OpenAI's Realtime API
+        takes it."""
+        if self._authorized(websocket.headers):
+            return True
+        keys = [p[len(KEY_SUBPROTOCOL):] for p in _subprotocols(websocket) if p.startswith(KEY_SUBPROTOCOL)]
+        return len(keys) == 1 and self._key_matches(keys[0])
 
     def _authorize(self, request: Request) -> None:
         if not self._authorized(request.headers):
@@ -547,15 +566,17 @@ class VoxtralAPI:
         return bool(host) and origin in (f"http://{host}", f"https://{host}")
 
     async def _open_live(self, websocket: WebSocket) -> bool:
-        """Authorize and accept a realtime websocket; False when it was refused."""
-        if not self._authorized(websocket.headers):
+        """Authorize and accept a realtime websocket; False when it was refused. A client
+        that offers subprotocols gets ``realtime`` if it offered it (a browser fails a
+        handshake that answers none of those it offered), never its key."""
+        if not self._live_authorized(websocket):
             await _deny(websocket, APIError(401, "invalid or missing API key", code="invalid_api_key"))
             return False
         if not self._origin_allowed(websocket):
             await _deny(websocket, APIError(403, "this origin may not open a realtime session",
                                             "permission_error", code="forbidden_origin"))
             return False
-        await websocket.accept()
+        await websocket.accept(subprotocol=LIVE_SUBPROTOCOL if LIVE_SUBPROTOCOL in _subprotocols(websocket) else None)
         return True
 
     async def realtime(self, websocket: WebSocket) -> None:
@@ -602,6 +623,29 @@ class VoxtralAPI:
         await session.run()
 
 
+# The live-captions page: static files of the package, no key needed (they hold no secret).
+# Its policy keeps it to this server: nothing fetched from elsewhere, no inline script.
+STATIC = Path(__file__).parent / "static"
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                               "media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def live_page(request: Request) -> Response:
+    """``GET /``: the live-captions page (``static/index.html``)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+
+def _subprotocols(websocket: WebSocket) -> list[str]:
+    """The subprotocols the client offered (the ASGI server parsed them)."""
+    return list(websocket.scope.get("subprotocols") or [])
+
+
 async def _deny(websocket: WebSocket, error: APIError) -> None:
     """Refuse a websocket before accepting it: the HTTP error where the server can send one,
     else a close (1008)."""
@@ -638,7 +682,9 @@ def create_app(
             app makes an ``Engine`` with ``max_concurrency``, ``max_queue``, ``max_live`` and
             ``request_timeout`` and closes it at shutdown).
         model_name: the id ``/v1/models`` lists and responses carry.
-        api_key: if set, every route but ``/health`` needs ``Authorization: Bearer <key>``.
+        api_key: if set, every route but ``/health`` and the page's static files needs
+            ``Authorization: Bearer <key>`` (websockets: or the ``openai-insecure-api-key.<key>``
+            subprotocol, a browser's only way).
         policy: which ``audio_url`` locations may be read; default: data URLs only.
         max_upload_bytes: limit on audio size (a JSON body may be 4/3 of it, for base64).
         max_audio_seconds: limit on a request's audio, summed over its parts (``None``: no
@@ -681,6 +727,8 @@ def create_app(
             Route("/v1/audio/transcriptions", guarded(api.transcriptions), methods=["POST"]),
             WebSocketRoute("/v1/realtime", api.realtime),
             WebSocketRoute("/v1/audio/transcriptions/realtime", api.mistral_realtime),
+            Route("/", live_page, methods=["GET", "HEAD"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         exception_handlers={HTTPException: _api_error_handler, Exception: _api_error_handler},
         lifespan=lifespan,

@@ -1,7 +1,11 @@
 """vLLM's Voxtral realtime dialect.
 
 Client events: ``session.update`` (``model``; optional ``delay_ms`` and
-``provisional_delay_ms``, top level or under ``session``), ``input_audio_buffer.append`` (``audio``: base64 PCM16 LE mono 16 kHz),
+``provisional_delay_ms``, top level or under ``session``; an extension: optional
+``audio_format`` ``{"encoding": "pcm_s16le", "sample_rate": N}``, any encoding and rate of
+``core.AudioFormat``, for a client that sends audio at its device's rate, which the server
+resamples to 16 kHz as ``transcribe`` resamples a file), ``input_audio_buffer.append``
+(``audio``: base64 PCM16 LE mono 16 kHz, or the session's ``audio_format``),
 ``input_audio_buffer.commit`` (``final: true`` ends the audio). Server events:
 ``session.created``, ``transcription.delta``, ``transcription.word`` (an extension: ``text``,
 ``start``, ``end`` in seconds of the connection's audio, as each word ends),
@@ -19,7 +23,7 @@ from ...chat import Usage
 from ...exceptions import InvalidRequestError
 from ...results import Transcription, Word
 from ..errors import APIError
-from .core import LiveSession, Turn, unknown_event
+from .core import AudioFormat, LiveSession, Turn, unknown_event
 
 
 class VLLMSession(LiveSession):
@@ -31,10 +35,17 @@ class VLLMSession(LiveSession):
             model = event.get("model", session.get("model"))
             if model is not None and not isinstance(model, str):
                 raise InvalidRequestError("'model' must be a string", "model")
+            audio_format = self.audio_format
+            if "audio_format" in session:  # checked before anything is set
+                fmt = session["audio_format"]
+                if not isinstance(fmt, dict):
+                    raise InvalidRequestError("'audio_format' must be an object", "audio_format")
+                audio_format = AudioFormat(fmt.get("encoding", "pcm_s16le"), fmt.get("sample_rate", 16000))
             if "delay_ms" in session:
                 self.delay_ms = self.check_delay(session["delay_ms"])
             if "provisional_delay_ms" in session or "delay_ms" in session:
                 self.set_provisional(session.get("provisional_delay_ms", self.provisional_delay_ms))
+            self.audio_format = audio_format
         elif kind == "input_audio_buffer.append":
             return await self.append(self.decode_base64(event.get("audio")))
         elif kind == "input_audio_buffer.commit":
