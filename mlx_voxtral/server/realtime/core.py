@@ -16,6 +16,7 @@ and renders the turn events (``on_delta``, ``on_done``) and errors in its own te
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import binascii
@@ -140,7 +141,7 @@ class Turn:
             self.job.append(tail)
 
 
-class LiveSession:
+class LiveSession(abc.ABC):
     """One realtime websocket in some dialect; see the module docstring.
 
     Subclasses set ``audio_format`` and ``delay_ms`` from their session events and implement
@@ -161,18 +162,21 @@ class LiveSession:
         self._vad_resampler: Optional[soxr.ResampleStream] = None
 
     # the dialect's part -------------------------------------------------------------------
+    @abc.abstractmethod
     async def handle(self, event: dict) -> bool:
         """Act on one client event; False when the session has been closed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def send_error(self, error: APIError, client_event: Optional[dict] = None) -> None:
-        raise NotImplementedError
+        """Render ``error`` (and the client event that caused it) in the dialect's terms."""
 
+    @abc.abstractmethod
     async def on_delta(self, turn: Turn, delta: str) -> None:
-        raise NotImplementedError
+        """Send ``delta``, the next append-only piece of the turn's text."""
 
+    @abc.abstractmethod
     async def on_done(self, turn: Turn, result: Transcription, usage: Usage) -> None:
-        raise NotImplementedError
+        """The turn is complete: send its final ``result`` and ``usage``."""
 
     async def on_provisional(self, turn: Turn, text: str) -> None:
         """A hook (dual delay): ``text``, the faster delay's text beyond the final text so
