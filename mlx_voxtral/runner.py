@@ -82,20 +82,22 @@ class Which:
 
 
 _ISQ_BITS = {
+    "2": 2, "AFQ2": 2, "3": 3, "AFQ3": 3, "5": 5, "6": 6, "AFQ6": 6,
     "4": 4, "Q4K": 4, "Q4_K": 4, "Q4_0": 4, "Q4_1": 4, "AFQ4": 4,
     "8": 8, "Q8_0": 8, "Q8_1": 8, "Q8K": 8, "Q8_K": 8, "AFQ8": 8,
 }
 
 
 def isq_bits(in_situ_quant: Union[None, str, int]) -> Optional[int]:
-    """mistral.rs's ISQ names mapped to MLX group-wise bits (4 or 8)."""
+    """mistral.rs's ISQ names mapped to MLX group-wise affine bits (2, 3, 4, 5, 6 or 8)."""
     if in_situ_quant is None:
         return None
     bits = _ISQ_BITS.get(str(in_situ_quant).upper())
     if bits is None:
         raise InvalidRequestError(
             f"unsupported in_situ_quant {in_situ_quant!r}; use one of "
-            "'4', 'Q4K', 'Q4_0', 'Q4_1', 'AFQ4' (4-bit) or '8', 'Q8_0', 'Q8_1', 'AFQ8' (8-bit)"
+            "'4', 'Q4K', 'Q4_0', 'Q4_1', 'AFQ4' (4-bit), '8', 'Q8_0', 'Q8_1', 'AFQ8' (8-bit), "
+            "'2'/'AFQ2', '3'/'AFQ3', '5', '6'/'AFQ6'"
         )
     return bits
 
@@ -106,9 +108,10 @@ class Runner:
     Args:
         which: ``Which.VisionPlain(model_id=..., arch=VisionArchitecture.Voxtral)``.
         in_situ_quant: ``None`` (checkpoint precision), a 4-bit name (``"4"``, ``"Q4K"``,
-            ``"Q4_0"``) or an 8-bit name (``"8"``, ``"Q8_0"``): group-wise quantization
+            ``"Q4_0"``), an 8-bit name (``"8"``, ``"Q8_0"``) or another affine width (``"AFQ2"``,
+            ``"AFQ3"``, ``"5"``, ``"AFQ6"``): group-wise quantization
             while loading. A pre-quantized folder loads as it is.
-        group_size: quantization group size (32, 64 or 128).
+        group_size: quantization group size (32, 64 or 128; default 64).
         seed: random seed for requests with ``temperature > 0``.
         allow_local_files / allow_remote_urls: what ``audio_url`` may point to (the
             Python API allows both by default).
@@ -122,7 +125,7 @@ class Runner:
         which: _ModelSpec,
         in_situ_quant: Union[None, str, int] = None,
         *,
-        group_size: int = 64,
+        group_size: Optional[int] = None,
         seed: Optional[int] = None,
         delay_ms: Optional[int] = None,
         allow_local_files: bool = True,
