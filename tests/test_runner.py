@@ -159,7 +159,7 @@ def test_max_tokens_finish_reason(runner, speech_5s):
 def test_in_situ_quant(tiny_checkpoint, speech_5s):
     import mlx.nn as nn
 
-    for name, bits in (("Q4K", 4), ("Q8_0", 8), ("4", 4)):
+    for name, bits in (("Q4K", 4), ("Q8_0", 8), ("AFQ3", 3), ("4", 4)):
         runner = Runner(which=Which.MultimodalPlain(model_id=str(tiny_checkpoint),
                                                     arch=mlx_voxtral.MultimodalArchitecture.Voxtral),
                         in_situ_quant=name)
