@@ -422,6 +422,12 @@ def test_broken_quantization_block(converted, tmp_path):
     (broken / "params.json").write_text(json.dumps(params))
     with pytest.raises(CheckpointError, match="unreadable quantization block"):
         mlx_voxtral.load(broken)
+    params["quantization"]["group_size"] = 64
+    for mode, match in (("q4", "mode must be one of"), ("mxfp8", "group_size must be 32 in mode mxfp8")):
+        params["quantization"]["mode"] = mode  # a mode unknown, or one the stored layout is not in
+        (broken / "params.json").write_text(json.dumps(params))
+        with pytest.raises(CheckpointError, match=f"unreadable quantization block.*{match}"):
+            mlx_voxtral.load(broken)
     del params["quantization"]
     (broken / "params.json").write_text(json.dumps(params))
     with pytest.raises(CheckpointError, match="unused checkpoint tensors.*scales"):
