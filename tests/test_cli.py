@@ -80,6 +80,21 @@ def test_quantized_and_delay_options(tiny_checkpoint, speech_5s):
     assert r.stdout == want + "\n"
 
 
+def test_quantize_mode_option(tiny_checkpoint, speech_5s, tmp_path):
+    """``--quantize 8 --quantize-mode mxfp8`` is ``load(quantize=8, mode="mxfp8")``; ``convert
+    --mode`` records the mode in the folder."""
+    model = mlx_voxtral.load(tiny_checkpoint, quantize=8, mode="mxfp8", backend="mlx")
+    want = mlx_voxtral.transcribe(model, speech_5s).text
+    r = cli("transcribe", str(speech_5s), "--model", str(tiny_checkpoint), "--quantize", "8",
+            "--quantize-mode", "mxfp8", "--backend", "mlx", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+    out = tmp_path / "mxfp8"
+    r = cli("convert", "--model", str(tiny_checkpoint), "--out", str(out), "--bits", "8", "--mode", "mxfp8")
+    assert r.returncode == 0, r.stderr
+    assert mlx_voxtral.load(out, backend="mlx").args.quantization == model.args.quantization
+
+
 def test_convert_then_transcribe(tiny_checkpoint, speech_5s, tmp_path):
     out = tmp_path / "q4"
     r = cli("convert", "--model", str(tiny_checkpoint), "--out", str(out), "--bits", "4")
