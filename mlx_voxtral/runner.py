@@ -112,6 +112,8 @@ class Runner:
             ``"AFQ3"``, ``"5"``, ``"AFQ6"``): group-wise quantization
             while loading. A pre-quantized folder loads as it is.
         group_size: quantization group size (32, 64 or 128; default 64).
+        quantize_mode: ``"affine"`` (default), or ``"mxfp4"``/``"nvfp4"`` (with a 4-bit
+            ``in_situ_quant``) or ``"mxfp8"`` (8-bit), as ``mlx_voxtral.load``'s ``mode``.
         seed: random seed for requests with ``temperature > 0``.
         allow_local_files / allow_remote_urls: what ``audio_url`` may point to (the
             Python API allows both by default).
@@ -126,6 +128,7 @@ class Runner:
         in_situ_quant: Union[None, str, int] = None,
         *,
         group_size: Optional[int] = None,
+        quantize_mode: str = "affine",
         seed: Optional[int] = None,
         delay_ms: Optional[int] = None,
         allow_local_files: bool = True,
@@ -140,7 +143,7 @@ class Runner:
             raise InvalidRequestError(f"mlx_voxtral runs the Voxtral architecture only, got {which.arch!r}")
         self.model_id = which.model_id
         self.model = load(which.model_id, dtype=dtype, quantize=isq_bits(in_situ_quant), group_size=group_size,
-                          backend=backend)
+                          backend=backend, mode=quantize_mode)
         self.seed = seed
         self.delay_ms = delay_ms
         self.policy = SourcePolicy(local_root="*" if allow_local_files else None, allow_remote=allow_remote_urls)

@@ -330,7 +330,8 @@ def test_adapter_policy_at_low_widths_and_fp_modes():
 @pytest.mark.parametrize("bits, mode", [(3, "affine"), (6, "affine"), (4, "nvfp4")])
 def test_convert_round_trips_width_and_mode(bits, mode, tiny_checkpoint, tmp_path, audio):
     """The stored block of a folder converted at ``bits``/``mode`` loads back as that setting,
-    with the in-situ model's arrays (and, for the affine widths, its greedy ids)."""
+    with the in-situ model's arrays (and, at 3 bits, its greedy ids: the same arrays give the
+    same ids, so one width shows it)."""
     out = mlx_voxtral.convert(tiny_checkpoint, tmp_path / "q", bits=bits, mode=mode, show_progress=False)
     stored = json.loads((out / "params.json").read_text())["quantization"]
     assert stored == quantization_config(bits, mode=mode)
@@ -340,7 +341,7 @@ def test_convert_round_trips_width_and_mode(bits, mode, tiny_checkpoint, tmp_pat
     a, b = dict(tree_flatten(loaded.parameters())), dict(tree_flatten(in_situ.parameters()))
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item() for k in a)
-    if mode != "affine":
+    if bits != 3:
         return
     audio = audio[:16000]
     assert mlx_voxtral.transcribe(loaded, audio).token_ids == mlx_voxtral.transcribe(in_situ, audio).token_ids

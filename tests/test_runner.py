@@ -166,6 +166,12 @@ def test_in_situ_quant(tiny_checkpoint, speech_5s):
         q = runner.model.decoder.layers[0].attention.wq
         assert isinstance(q, nn.QuantizedLinear) and q.bits == bits
     assert content(runner, audio_url(str(speech_5s)))
+    runner = Runner(which=Which.VisionPlain(model_id=str(tiny_checkpoint)), in_situ_quant="Q4K",
+                    quantize_mode="nvfp4", backend="mlx")
+    q = runner.model.decoder.layers[0].attention.wq
+    assert (q.mode, q.bits, q.group_size) == ("nvfp4", 4, 16)
+    with pytest.raises(InvalidRequestError, match="bits must be 4 in mode mxfp4, got 8"):
+        Runner(which=Which.VisionPlain(model_id=str(tiny_checkpoint)), in_situ_quant="Q8_0", quantize_mode="mxfp4")
 
 
 @pytest.mark.parametrize(
