@@ -209,7 +209,10 @@ def bytes_per_weight(params: dict, precision: str) -> float:
     if precision != "stored":
         return BYTES_PER_WEIGHT[precision]
     q = params.get("quantization")
-    return q["bits"] / 8 + 4 / q["group_size"] if q else 2.0
+    if not q:
+        return 2.0
+    # affine: a bf16 scale and bias per group; the fp modes: one 8-bit scale
+    return q["bits"] / 8 + (4 if q.get("mode", "affine") == "affine" else 1) / q["group_size"]
 
 
 def model_costs(params: dict, precision: str) -> dict:

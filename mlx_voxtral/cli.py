@@ -1,6 +1,6 @@
 """The ``mlx-voxtral`` command (also ``python -m mlx_voxtral``).
 
-    mlx-voxtral transcribe INPUT... [--model M] [--quantize 4|8] [--delay-ms N]
+    mlx-voxtral transcribe INPUT... [--model M] [--quantize BITS] [--delay-ms N]
                                     [--format txt|json|srt|vtt] [--output-dir D] [--resume]
                                     (INPUT: a file, a folder, a glob or @list.txt; run it under
                                     ``mlx.launch`` to share an archive out among processes)

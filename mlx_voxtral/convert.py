@@ -1,11 +1,13 @@
 """Convert a Voxtral Realtime checkpoint to an MLX-format folder, optionally quantized.
 
     python -m mlx_voxtral.convert --model mistralai/Voxtral-Mini-4B-Realtime-2602 \\
-        --out voxtral-4bit --bits 4 --group-size 64 [--encoder-bits 8] [--upload-repo ME/REPO]
+        --out voxtral-4bit --bits 4 --group-size 64 [--mode affine] [--encoder-bits 8] [--upload-repo ME/REPO]
 
-Without ``--bits`` the weights keep full precision (``--dtype`` can change it); per-part
-flags (``--decoder-bits``, ``--encoder-bits``, ``--embedding-bits``, ``--adapter-bits``:
-4, 8 or none) override the policy of ``mlx_voxtral.quantize``.
+Without ``--bits`` the weights keep full precision (``--dtype`` can change it). ``--bits`` is
+2, 3, 4, 5, 6 or 8 in the default ``--mode affine``, 4 in ``mxfp4`` and ``nvfp4``, 8 in
+``mxfp8`` (``mlx_voxtral.quantize.MODES``); per-part flags (``--decoder-bits``,
+``--encoder-bits``, ``--embedding-bits``, ``--adapter-bits``: such bits or none) override the
+policy of ``mlx_voxtral.quantize``.
 
 The output folder holds:
 
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from .exceptions import CheckpointError, InvalidRequestError, VoxtralError
 from .loader import DEFAULT_MODEL, load, load_args, load_weights, resolve_path
-from .quantize import PARTS, QuantizeArg, check_stored_config, describe, quantization_config
+from .quantize import MODES, PARTS, QuantizeArg, check_stored_config, describe, quantization_config
 
 MAX_SHARD_BYTES = 5 << 30
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -97,7 +99,7 @@ def model_card(base_model: str, name: str, config: Optional[dict], dtype: mx.Dty
     else:
         tags.append(f"{config['bits']}-bit")
         weights = (
-            f"Quantized with group-wise affine quantization: {describe(config)}. The conv stem, "
+            f"Quantized with group-wise {config.get('mode', 'affine')} quantization: {describe(config)}. The conv stem, "
             "norms and ada-norm MLPs stay in full precision."
         )
     front = "\n".join(
@@ -144,11 +146,12 @@ def convert(
     src: Union[str, os.PathLike],
     dst: Union[str, os.PathLike],
     bits: QuantizeArg = None,
-    group_size: int = 64,
+    group_size: Optional[int] = None,
     dtype: Optional[str] = None,
     upload_repo: Optional[str] = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     show_progress: bool = True,
+    mode: str = "affine",
 ) -> Path:
     """Write ``src`` as an MLX-format folder ``dst``, quantized if ``bits`` is given.
 
@@ -156,23 +159,27 @@ def convert(
         src: a native checkpoint folder, a Hugging Face repo id, or a converted folder (which
             can be re-saved but not quantized again).
         dst: the output folder; it must not exist yet.
-        bits: 4 or 8, a per-part dict as ``mlx_voxtral.load``'s ``quantize``, or None to keep
-            full precision.
-        group_size: weights per quantization group: 32, 64 or 128.
+        bits: bits as ``mlx_voxtral.load``'s ``quantize`` (2, 3, 4, 5, 6 or 8 in the affine
+            mode), a per-part dict, or None to keep full precision.
+        group_size: weights per quantization group (affine: 32, 64 or 128); None: the mode's
+            default (64 for affine).
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the unquantized weights and
             the quantization scales; None keeps the source's dtype.
         upload_repo: also upload the folder to this Hugging Face repo.
         max_shard_bytes: largest safetensors shard.
         show_progress: show progress bars (stderr).
+        mode: ``"affine"``, ``"mxfp4"``, ``"mxfp8"`` or ``"nvfp4"``; recorded in
+            ``params.json``, so ``load(dst)`` quantizes the same way.
 
     Returns:
         The output folder.
 
     Raises:
-        InvalidRequestError: bad bits, group size or dtype, or ``dst`` already exists.
+        InvalidRequestError: bad bits, group size, mode (or a combination the mode does
+            not have) or dtype, or ``dst`` already exists.
         CheckpointError: ``src`` is not a usable checkpoint, or is already quantized.
     """
-    config = quantization_config(bits, group_size)
+    config = quantization_config(bits, group_size, mode)
     if dtype is not None and dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(dst).expanduser()
@@ -194,7 +201,8 @@ def convert(
             bar.total = total
             bar.update(done - bar.n)
 
-        model = load(path, dtype=target, quantize=bits, group_size=group_size, progress=progress)
+        model = load(path, dtype=target, quantize=bits, group_size=group_size, progress=progress,
+                     mode=mode, backend="mlx")  # nothing runs: the CPU backend's kernels are not needed
 
     out.mkdir(parents=True)
     save_weights(out, dict(tree_flatten(model.parameters())), max_shard_bytes, show_progress)
@@ -219,7 +227,7 @@ def _part_bits(value: str) -> Optional[int]:
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 4, 8 or none, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected bits (such as 4) or none, got {value!r}") from None
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.convert") -> None:
@@ -232,12 +240,16 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
     parser.add_argument("--model", required=True, help="source folder or Hugging Face repo id")
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--bits", type=int, default=None,
-                        help="quantize to 4 or 8 bits (default: keep full precision)")
-    parser.add_argument("--group-size", type=int, default=64,
-                        help="weights per quantization group: 32, 64 or 128 (default 64)")
+                        help="quantize to 2, 3, 4, 5, 6 or 8 bits (affine; mxfp4/nvfp4: 4, mxfp8: 8) "
+                             "(default: keep full precision)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="weights per quantization group: 32, 64 or 128 for affine (default: "
+                             "the mode's, 64 for affine)")
+    parser.add_argument("--mode", default="affine",
+                        help=f"quantization mode: {', '.join(MODES)} (default affine)")
     for part in PARTS:
         parser.add_argument(
-            f"--{part}-bits", type=_part_bits, default=argparse.SUPPRESS, metavar="{4,8,none}",
+            f"--{part}-bits", type=_part_bits, default=argparse.SUPPRESS, metavar="{BITS,none}",
             help=f"override the bits of the {part} (none: full precision)",
         )
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
@@ -249,9 +261,10 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
     try:
         bits: QuantizeArg = args.bits
         if overrides:
-            base = quantization_config(args.bits, args.group_size)  # validates --bits
+            base = quantization_config(args.bits, args.group_size, args.mode)  # validates --bits
             bits = {**(base["parts"] if base else {}), **overrides}
-        out = convert(args.model, args.out, bits, args.group_size, args.dtype, args.upload_repo)
+        out = convert(args.model, args.out, bits, args.group_size, args.dtype, args.upload_repo,
+                      mode=args.mode)
     except VoxtralError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

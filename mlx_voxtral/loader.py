@@ -198,9 +198,10 @@ def load(
     path_or_repo: Union[str, os.PathLike] = DEFAULT_MODEL,
     dtype: Union[None, str, mx.Dtype] = None,
     quantize: QuantizeArg = None,
-    group_size: int = 64,
+    group_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     backend: Optional[str] = None,
+    mode: str = "affine",
 ) -> Model:
     """Load a Voxtral Realtime model and its tokenizer (``model.tokenizer``).
 
@@ -211,26 +212,30 @@ def load(
         dtype: dtype of the floating weights (and of quantization scales): an ``mx.Dtype`` or
             ``"float32"``, ``"float16"``, ``"bfloat16"``. ``None`` keeps the checkpoint's (on the
             CPU backend: for the matmul weights; every other parameter becomes float32 there).
-        quantize: quantize while loading, layer by layer: 4 or 8 (decoder, encoder and
-            embedding/LM head at that width, the adapter at 8 bits: the policy measured in
-            ``mlx_voxtral.quantize``), or a dict such as ``{"decoder": 4, "encoder": 8,
+        quantize: quantize while loading, layer by layer: bits (2, 3, 4, 5, 6 or 8 in the
+            ``affine`` mode; decoder, encoder and embedding/LM head at that width, the adapter
+            at >= 8 bits: the policy measured in ``mlx_voxtral.quantize``), or a dict such as ``{"decoder": 4, "encoder": 8,
             "embedding": 4, "adapter": 8}`` (parts not named stay full precision). A folder
             that is already quantized is loaded as stored and must not be given ``quantize``.
-        group_size: weights per quantization group (32, 64 or 128) when quantizing;
-            a layer whose input size it does not divide stays full precision.
+        group_size: weights per quantization group when quantizing (affine: 32, 64 or 128;
+            None: the mode's default, 64 for affine); a layer whose input size it does not
+            divide stays full precision.
         progress: called as ``progress(groups_done, groups_total)`` while weights load.
         backend: ``"mlx"`` (the plain MLX modules: what a Mac runs), ``"cpu"`` (the Linux CPU
             backend, ``mlx_voxtral.cpu``) or ``"auto"``; default ``$MLX_VOXTRAL_BACKEND`` or
             ``"auto"`` (see ``resolve_backend``). ``model.backend`` says which one runs.
+        mode: quantization mode when quantizing: ``"affine"``, ``"mxfp4"`` (4 bits, group
+            32), ``"mxfp8"`` (8 bits, group 32) or ``"nvfp4"`` (4 bits, group 16). A converted
+            folder records its own.
 
     Raises:
         CheckpointError: not a Voxtral Realtime checkpoint, weights that do not match, or
             ``quantize`` given for an already quantized folder.
-        InvalidRequestError: unsupported ``quantize`` bits, ``group_size``, ``dtype`` or
-            ``backend``.
+        InvalidRequestError: unsupported ``quantize`` bits, ``group_size`` or ``mode`` (or a
+            combination the mode does not have), ``dtype`` or ``backend``.
     """
     dtype = parse_dtype(dtype)
-    config = quantization_config(quantize, group_size)
+    config = quantization_config(quantize, group_size, mode)
     backend = resolve_backend(backend)
     path = resolve_path(path_or_repo)
     args = load_args(path)

@@ -1,4 +1,4 @@
-"""Quantization policy: which layers become group-wise 4/8-bit, and which stay full precision.
+"""Quantization policy: which layers become group-wise quantized, and which stay full precision.
 
 The model has four quantizable *parts*:
 
@@ -19,7 +19,16 @@ behind the policy are in BENCHMARKS.md). Mixed settings are a dict, e.g.
 ``{"decoder": 4, "embedding": 4, "encoder": 8, "adapter": 8}``. Storage per weight at group
 size 64 with bf16 scales and biases: 0.5625 bytes (4-bit), 1.0625 bytes (8-bit), 2 (bf16).
 
-Scales and biases of quantized layers keep the checkpoint's dtype. Which dtype the other
+Every width and mode MLX quantizes these layers at is accepted (``MODES``): ``affine``
+(a scale and a bias per group, in the checkpoint's dtype) at 2, 3, 4, 5, 6 or 8 bits with
+group size 32, 64 or 128, and the floating-point modes with their fixed layouts (an 8-bit
+scale per group, no bias): ``mxfp4`` (4 bits, group 32), ``mxfp8`` (8 bits, group 32) and
+``nvfp4`` (4 bits, group 16). MLX's 1-bit affine is left out: on these weights its error is
+larger than the weights themselves. A setting has one mode for all its parts; the adapter
+policy keeps the adapter at 8 bits where the mode has 8 bits, and in full precision where it
+has not (``mxfp4``, ``nvfp4``).
+
+Scales and biases of affine quantized layers keep the checkpoint's dtype. Which dtype the other
 parameters (norms, conv stem, ada MLPs, biases) and so the activations have is the backend's
 policy: the plain MLX modules keep the checkpoint's (bf16, as on a Mac), the CPU backend makes
 them float32 (``mlx_voxtral.cpu``).
@@ -34,9 +43,16 @@ import mlx.nn as nn
 from .exceptions import CheckpointError, InvalidRequestError
 
 PARTS = ("decoder", "encoder", "embedding", "adapter")  # largest first
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
-MODE = "affine"
+MODE = "affine"  # the default mode
+# mode -> (bits, group sizes, default group size), as MLX's ``mx.quantize`` documents them
+MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
+    "affine": ((2, 3, 4, 5, 6, 8), (32, 64, 128), 64),
+    "mxfp4": ((4,), (32,), 32),
+    "mxfp8": ((8,), (32,), 32),
+    "nvfp4": ((4,), (16,), 16),
+}
+BITS = MODES[MODE][0]
+GROUP_SIZES = MODES[MODE][1]
 
 QuantizeArg = Union[None, int, dict[str, Optional[int]]]
 
@@ -55,31 +71,55 @@ def part_of(path: str) -> Optional[str]:
     return None
 
 
-def default_parts(bits: int) -> dict[str, Optional[int]]:
-    """The measured policy for ``quantize=bits``: every part at ``bits``, the adapter at >= 8."""
-    return {"decoder": bits, "encoder": bits, "embedding": bits, "adapter": max(bits, 8)}
+def default_parts(bits: int, mode: str = MODE) -> dict[str, Optional[int]]:
+    """The measured policy for ``quantize=bits``: every part at ``bits``, the adapter at >= 8
+    bits (full precision in a mode without 8 bits)."""
+    adapter = max(bits, 8)
+    return {"decoder": bits, "encoder": bits, "embedding": bits,
+            "adapter": adapter if adapter in MODES[mode][0] else None}
 
 
-def _check_bits(bits: Any, what: str = "") -> int:
-    if isinstance(bits, bool) or bits not in BITS:
-        raise InvalidRequestError(f"quantization bits{what} must be 4 or 8, got {bits!r}")
+def _words(values) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def _check_mode(mode: Any) -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise InvalidRequestError(f"quantization mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def _check_bits(bits: Any, mode: str = MODE, what: str = "") -> int:
+    allowed = MODES[mode][0]
+    if isinstance(bits, bool) or bits not in allowed:
+        raise InvalidRequestError(f"quantization bits{what} must be {_words(allowed)}"
+                                  f"{'' if mode == MODE else f' in mode {mode}'}, got {bits!r}")
     return int(bits)
 
 
-def _check_group_size(group_size: Any) -> int:
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-        raise InvalidRequestError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+def _check_group_size(group_size: Any, mode: str = MODE) -> int:
+    allowed = MODES[mode][1]
+    if isinstance(group_size, bool) or group_size not in allowed:
+        raise InvalidRequestError(f"group_size must be {_words(allowed)}"
+                                  f"{'' if mode == MODE else f' in mode {mode}'}, got {group_size!r}")
     return int(group_size)
 
 
-def quantization_config(quantize: QuantizeArg, group_size: int = 64) -> Optional[dict[str, Any]]:
+def quantization_config(
+    quantize: QuantizeArg, group_size: Optional[int] = None, mode: str = MODE
+) -> Optional[dict[str, Any]]:
     """Validate a ``quantize`` setting and return the ``quantization`` block it stands for.
 
     Args:
-        quantize: ``None`` (no quantization), 4 or 8 (``default_parts``), or a dict
-            from part name (``decoder``, ``encoder``, ``embedding``, ``adapter``) to 4, 8 or
-            None; parts not named stay full precision.
-        group_size: weights sharing one scale and bias: 32, 64 or 128.
+        quantize: ``None`` (no quantization), bits (``default_parts``: 2, 3, 4, 5, 6 or 8 in
+            the ``affine`` mode, 4 in ``mxfp4``/``nvfp4``, 8 in ``mxfp8``), or a dict from part
+            name (``decoder``, ``encoder``, ``embedding``, ``adapter``) to such bits or None;
+            parts not named stay full precision.
+        group_size: weights sharing one scale (and bias): 32, 64 or 128 in the ``affine``
+            mode, 32 in ``mxfp4``/``mxfp8``, 16 in ``nvfp4``; None: the mode's default (64
+            for ``affine``).
+        mode: ``"affine"``, ``"mxfp4"``, ``"mxfp8"`` or ``"nvfp4"`` (``MODES``).
 
     Returns:
         ``{"group_size", "bits", "mode", "parts": {part: bits or None}}`` as stored in a
@@ -87,11 +127,12 @@ def quantization_config(quantize: QuantizeArg, group_size: int = 64) -> Optional
         that of the largest quantized part (the decoder's, unless it is full precision).
 
     Raises:
-        InvalidRequestError: unsupported bits, group size or part name.
+        InvalidRequestError: unsupported mode, bits, group size (for the mode) or part name.
     """
+    mode = _check_mode(mode)
     if quantize is None:
         return None
-    group_size = _check_group_size(group_size)
+    group_size = _check_group_size(MODES[mode][2] if group_size is None else group_size, mode)
     if isinstance(quantize, dict):
         unknown = sorted(set(quantize) - set(PARTS))
         if unknown:
@@ -100,17 +141,17 @@ def quantization_config(quantize: QuantizeArg, group_size: int = 64) -> Optional
                 f"expected {', '.join(PARTS)}"
             )
         parts = {
-            p: None if quantize.get(p) is None else _check_bits(quantize[p], f" for the {p}")
+            p: None if quantize.get(p) is None else _check_bits(quantize[p], mode, f" for the {p}")
             for p in PARTS
         }
         if all(b is None for b in parts.values()):
             return None
     else:
-        parts = default_parts(_check_bits(quantize))
+        parts = default_parts(_check_bits(quantize, mode), mode)
     return {
         "group_size": group_size,
         "bits": next(b for b in parts.values() if b is not None),
-        "mode": MODE,
+        "mode": mode,
         "parts": parts,
     }
 
@@ -119,9 +160,9 @@ def check_stored_config(config: Any) -> dict[str, Any]:
     """Validate the ``quantization`` block read from a converted checkpoint."""
     try:
         parts = config["parts"]
-        if config.get("mode", MODE) != MODE or not isinstance(parts, dict):
+        if not isinstance(parts, dict):
             raise ValueError
-        checked = quantization_config(parts, config["group_size"])
+        checked = quantization_config(parts, config["group_size"], config.get("mode", MODE))
     except (InvalidRequestError, ValueError, KeyError, TypeError, AttributeError) as e:
         detail = f": {e}" if isinstance(e, InvalidRequestError) else ""
         raise CheckpointError(
@@ -140,7 +181,7 @@ def class_predicate(config: dict[str, Any]) -> Callable[[str, nn.Module], Union[
     It returns the ``to_quantized`` arguments for a Linear/Embedding of a quantized part whose
     input dimension is a multiple of the group size, and False for everything else.
     """
-    group_size = config["group_size"]
+    group_size, mode = config["group_size"], config.get("mode", MODE)
     parts = config["parts"]
 
     def predicate(path: str, module: nn.Module) -> Union[bool, dict]:
@@ -149,16 +190,18 @@ def class_predicate(config: dict[str, Any]) -> Callable[[str, nn.Module], Union[
             return False
         if module.weight.shape[-1] % group_size:
             return False
-        return {"group_size": group_size, "bits": bits, "mode": MODE}
+        return {"group_size": group_size, "bits": bits, "mode": mode}
 
     return predicate
 
 
 def describe(config: Optional[dict[str, Any]]) -> str:
-    """One line for people: ``4-bit, group size 64; decoder 4, encoder 4, ...``."""
+    """One line for people: ``4-bit, group size 64; decoder 4, encoder 4, ...`` (``4-bit
+    mxfp4, ...`` in a mode other than affine)."""
     if config is None:
         return "not quantized"
     parts = ", ".join(
         f"{p} {'full precision' if b is None else b}" for p, b in config["parts"].items()
     )
-    return f"{config['bits']}-bit, group size {config['group_size']}; {parts}"
+    mode = config.get("mode", MODE)
+    return f"{config['bits']}-bit{'' if mode == MODE else ' ' + mode}, group size {config['group_size']}; {parts}"

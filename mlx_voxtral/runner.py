@@ -82,20 +82,22 @@ class Which:
 
 
 _ISQ_BITS = {
+    "2": 2, "AFQ2": 2, "3": 3, "AFQ3": 3, "5": 5, "6": 6, "AFQ6": 6,
     "4": 4, "Q4K": 4, "Q4_K": 4, "Q4_0": 4, "Q4_1": 4, "AFQ4": 4,
     "8": 8, "Q8_0": 8, "Q8_1": 8, "Q8K": 8, "Q8_K": 8, "AFQ8": 8,
 }
 
 
 def isq_bits(in_situ_quant: Union[None, str, int]) -> Optional[int]:
-    """mistral.rs's ISQ names mapped to MLX group-wise bits (4 or 8)."""
+    """mistral.rs's ISQ names mapped to MLX group-wise affine bits (2, 3, 4, 5, 6 or 8)."""
     if in_situ_quant is None:
         return None
     bits = _ISQ_BITS.get(str(in_situ_quant).upper())
     if bits is None:
         raise InvalidRequestError(
             f"unsupported in_situ_quant {in_situ_quant!r}; use one of "
-            "'4', 'Q4K', 'Q4_0', 'Q4_1', 'AFQ4' (4-bit) or '8', 'Q8_0', 'Q8_1', 'AFQ8' (8-bit)"
+            "'4', 'Q4K', 'Q4_0', 'Q4_1', 'AFQ4' (4-bit), '8', 'Q8_0', 'Q8_1', 'AFQ8' (8-bit), "
+            "'2'/'AFQ2', '3'/'AFQ3', '5', '6'/'AFQ6'"
         )
     return bits
 
@@ -106,9 +108,12 @@ class Runner:
     Args:
         which: ``Which.VisionPlain(model_id=..., arch=VisionArchitecture.Voxtral)``.
         in_situ_quant: ``None`` (checkpoint precision), a 4-bit name (``"4"``, ``"Q4K"``,
-            ``"Q4_0"``) or an 8-bit name (``"8"``, ``"Q8_0"``): group-wise quantization
+            ``"Q4_0"``), an 8-bit name (``"8"``, ``"Q8_0"``) or another affine width (``"AFQ2"``,
+            ``"AFQ3"``, ``"5"``, ``"AFQ6"``): group-wise quantization
             while loading. A pre-quantized folder loads as it is.
-        group_size: quantization group size (32, 64 or 128).
+        group_size: quantization group size (32, 64 or 128; default 64).
+        quantize_mode: ``"affine"`` (default), or ``"mxfp4"``/``"nvfp4"`` (with a 4-bit
+            ``in_situ_quant``) or ``"mxfp8"`` (8-bit), as ``mlx_voxtral.load``'s ``mode``.
         seed: random seed for requests with ``temperature > 0``.
         allow_local_files / allow_remote_urls: what ``audio_url`` may point to (the
             Python API allows both by default).
@@ -122,7 +127,8 @@ class Runner:
         which: _ModelSpec,
         in_situ_quant: Union[None, str, int] = None,
         *,
-        group_size: int = 64,
+        group_size: Optional[int] = None,
+        quantize_mode: str = "affine",
         seed: Optional[int] = None,
         delay_ms: Optional[int] = None,
         allow_local_files: bool = True,
@@ -137,7 +143,7 @@ class Runner:
             raise InvalidRequestError(f"mlx_voxtral runs the Voxtral architecture only, got {which.arch!r}")
         self.model_id = which.model_id
         self.model = load(which.model_id, dtype=dtype, quantize=isq_bits(in_situ_quant), group_size=group_size,
-                          backend=backend)
+                          backend=backend, mode=quantize_mode)
         self.seed = seed
         self.delay_ms = delay_ms
         self.policy = SourcePolicy(local_root="*" if allow_local_files else None, allow_remote=allow_remote_urls)

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 import mlx_voxtral
+from mlx_voxtral.quantize import quantization_config
+
+from conftest import sox
 
 SRT_BLOCK = re.compile(r"^\d+\n\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}\n.+$", re.S)
 VTT_CUE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}\n.+$", re.S)
@@ -80,6 +83,24 @@ def test_quantized_and_delay_options(tiny_checkpoint, speech_5s):
     assert r.stdout == want + "\n"
 
 
+def test_quantize_mode_option(tiny_checkpoint, speech_5s, tmp_path):
+    """``convert --mode mxfp8`` records the mode in the folder, and ``--quantize 8
+    --quantize-mode mxfp8`` transcribes as that folder does (in-situ and converted arrays are
+    equal: ``test_quantize``). One second of speech: MLX's CPU fp8 matmul is slow."""
+    out = tmp_path / "mxfp8"
+    r = cli("convert", "--model", str(tiny_checkpoint), "--out", str(out), "--bits", "8", "--mode", "mxfp8")
+    assert r.returncode == 0, r.stderr
+    model = mlx_voxtral.load(out, backend="mlx")
+    assert model.args.quantization == quantization_config(8, mode="mxfp8")
+    second = tmp_path / "one_second.wav"
+    sox(str(speech_5s), str(second), "trim", "0", "1")
+    want = mlx_voxtral.transcribe(model, second).text
+    r = cli("transcribe", str(second), "--model", str(tiny_checkpoint), "--quantize", "8",
+            "--quantize-mode", "mxfp8", "--backend", "mlx", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
 def test_convert_then_transcribe(tiny_checkpoint, speech_5s, tmp_path):
     out = tmp_path / "q4"
     r = cli("convert", "--model", str(tiny_checkpoint), "--out", str(out), "--bits", "4")
@@ -118,14 +139,17 @@ def test_listen_at_real_time_pace(tiny_checkpoint, speech_5s, expected):
         (["transcribe", "{speech}", "--model", "/no/such/folder"], 1, "checkpoint folder not found"),
         (["transcribe", "{speech}", "--model", "{empty}"], 1, "not a Voxtral Realtime checkpoint"),
         (["transcribe", "{speech}", "--format", "docx"], 2, "invalid choice"),
-        (["transcribe", "{speech}", "--quantize", "3"], 2, "invalid choice"),
+        (["transcribe", "{speech}", "--quantize", "7"], 2, "invalid choice"),
+        (["transcribe", "{speech}", "--quantize-mode", "fp4"], 2, "invalid choice"),
+        (["transcribe", "{speech}", "--model", "{ckpt}", "--quantize", "8", "--quantize-mode", "nvfp4"], 1,
+         "bits must be 4 in mode nvfp4, got 8"),
         (["transcribe", "{speech}", "--delay-ms", "100", "--model", "{ckpt}"], 1, "delay"),
         (["transcribe", "{corrupt}", "--model", "{ckpt}"], 1, "corrupt.wav"),
         (["transcribe"], 2, "required"),
         (["frobnicate"], 2, "invalid choice"),
         ([], 2, "required"),
         (["listen", "--from-file", "/no/such/file.wav", "--model", "{ckpt}"], 1, "not found"),
-        (["convert", "--model", "{ckpt}", "--out", "{tmp}/x", "--bits", "3"], 2, "bits must be 4 or 8"),
+        (["convert", "--model", "{ckpt}", "--out", "{tmp}/x", "--bits", "7"], 2, "bits must be 2, 3, 4, 5, 6 or 8"),
         (["transcribe", "{speech}", "--backend", "gpu"], 2, "invalid choice"),
         (["transcribe", "{speech}", "--dtype", "int8"], 2, "invalid choice"),
     ],

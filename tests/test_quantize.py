@@ -278,14 +278,116 @@ def test_unquantized_convert_round_trips(tiny_checkpoint, model_fp32, tmp_path, 
     assert mlx_voxtral.load(again).dtype == mx.float32
 
 
+# (mode, bits) -> floor of the logit cosine with float32 on the tiny checkpoint (plain MLX
+# modules, the mode's default group size, 2 s of speech): measured values less a margin, rising
+# with the bits; 4/8-bit affine are test_cosine_similarity_with_float32's
+WIDTHS = {
+    ("affine", 2): 0.05, ("affine", 3): 0.55, ("affine", 5): 0.97, ("affine", 6): 0.985,
+    ("mxfp4", 4): 0.85, ("nvfp4", 4): 0.85, ("mxfp8", 8): 0.98,
+}
+SHORT = 32000  # samples (2 s): the width tests trace this much
+SHORT_TOKENS = 12  # teacher-forced tokens after the prompt
+
+
+@pytest.fixture(scope="module")
+def short_float_trace(tiny_checkpoint, audio, baseline):
+    """The float32 reference of the width tests (plain MLX modules, every layer, 2 s)."""
+    model = mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32, backend="mlx")
+    return _trace(model, audio[:SHORT], baseline.token_ids[:SHORT_TOKENS])
+
+
+@pytest.mark.parametrize("mode, bits", list(WIDTHS))
+def test_cosine_per_width_and_mode(mode, bits, tiny_checkpoint, short_float_trace, baseline, audio, capsys):
+    """Every other width and mode MLX has: per-layer and logit cosine with float32, printed,
+    the logits' above a floor that rises with the bits."""
+    model = mlx_voxtral.load(tiny_checkpoint, quantize=bits, mode=mode, backend="mlx")
+    config = model.args.quantization
+    assert (config["mode"], config["bits"]) == (mode, bits)
+    wq = model.decoder.layers[0].attention.wq
+    assert isinstance(wq, nn.QuantizedLinear) and (wq.mode, wq.bits, wq.group_size) == (mode, bits, config["group_size"])
+    ours = _trace(model, audio[:SHORT], baseline.token_ids[:SHORT_TOKENS])
+    ref = short_float_trace
+    cosines = {name: _cos(ours[name], ref[name]) for name in ours}
+    forced = float((ours["logits"].argmax(-1) == ref["logits"].argmax(-1)).mean())
+    with capsys.disabled():
+        print(f"\n[mlx] {bits}-bit {mode}, group size {config['group_size']}, vs float32 on 2 s of speech:")
+        for name, c in cosines.items():
+            print(f"  cosine {name:18s} {c:.5f}")
+        print(f"  greedy-token agreement: teacher-forced {forced:.1%}")
+    assert WIDTHS[mode, bits] <= cosines["logits"] < 1.0
+
+
+def test_adapter_policy_at_low_widths_and_fp_modes():
+    assert quantization_config(2)["parts"] == {"decoder": 2, "encoder": 2, "embedding": 2, "adapter": 8}
+    assert quantization_config(8, mode="mxfp8")["parts"]["adapter"] == 8
+    for mode in ("mxfp4", "nvfp4"):  # no 8 bits in the mode: the adapter stays full precision
+        config = quantization_config(4, mode=mode)
+        assert config["parts"] == {"decoder": 4, "encoder": 4, "embedding": 4, "adapter": None}
+        assert config["group_size"] == {"mxfp4": 32, "nvfp4": 16}[mode]
+    assert quantization_config(4) == quantization_config(4, 64, "affine")  # unchanged default
+
+
+@pytest.mark.parametrize("bits, mode", [(3, "affine"), (6, "affine"), (4, "nvfp4")])
+def test_convert_round_trips_width_and_mode(bits, mode, tiny_checkpoint, tmp_path, audio):
+    """The stored block of a folder converted at ``bits``/``mode`` loads back as that setting,
+    with the in-situ model's arrays (and, at 3 bits, its greedy ids: the same arrays give the
+    same ids, so one width shows it)."""
+    out = mlx_voxtral.convert(tiny_checkpoint, tmp_path / "q", bits=bits, mode=mode, show_progress=False)
+    stored = json.loads((out / "params.json").read_text())["quantization"]
+    assert stored == quantization_config(bits, mode=mode)
+    loaded = mlx_voxtral.load(out, backend="mlx")
+    in_situ = mlx_voxtral.load(tiny_checkpoint, quantize=bits, mode=mode, backend="mlx")
+    assert loaded.args.quantization == in_situ.args.quantization == stored
+    a, b = dict(tree_flatten(loaded.parameters())), dict(tree_flatten(in_situ.parameters()))
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item() for k in a)
+    if bits != 3:
+        return
+    audio = audio[:16000]
+    assert mlx_voxtral.transcribe(loaded, audio).token_ids == mlx_voxtral.transcribe(in_situ, audio).token_ids
+
+
+@pytest.mark.parametrize("bits, mode", [(3, "affine"), (4, "mxfp4")])
+def test_cpu_backend_falls_back_to_mlx_with_one_warning(bits, mode, tiny_checkpoint, model_fp32, audio, baseline):
+    """Widths and modes the native kernels do not run: one warning at load, and the CPU
+    backend's logits still match the plain MLX modules' (same quantized weights)."""
+    if not mlx_voxtral.cpu.available():
+        pytest.skip(mlx_voxtral.cpu.unavailable_reason())
+    with pytest.warns(RuntimeWarning) as caught:
+        cpu = mlx_voxtral.load(tiny_checkpoint, quantize=bits, mode=mode, backend="cpu")
+    messages = [str(w.message) for w in caught if "native kernels" in str(w.message)]
+    assert len(messages) == 1
+    assert f"{bits}-bit {mode}" in messages[0] and "multiplied by MLX" in messages[0]
+    assert mlx_voxtral.cpu.mlx_fallback_layers(cpu)
+    plain = mlx_voxtral.load(tiny_checkpoint, quantize=bits, mode=mode, backend="mlx", dtype="float32")
+    audio, ids = audio[:SHORT], baseline.token_ids[:SHORT_TOKENS]
+    got, want = _trace(cpu, audio, ids)["logits"], _trace(plain, audio, ids)["logits"]
+    assert _cos(got, want) > 0.999
+    assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.9
+
+
+def test_cpu_backend_runs_4_and_8_bit_affine_natively(quantized, backend):
+    if backend != "cpu":
+        pytest.skip("the CPU backend's kernels")
+    for bits in (4, 8):
+        assert mlx_voxtral.cpu.mlx_fallback_layers(quantized[bits]) == {}
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"quantize": 3}, "quantization bits must be 4 or 8, got 3"),
-        ({"quantize": 16}, "quantization bits must be 4 or 8, got 16"),
-        ({"quantize": True}, "quantization bits must be 4 or 8, got True"),
+        ({"quantize": 1}, "quantization bits must be 2, 3, 4, 5, 6 or 8, got 1"),
+        ({"quantize": 7}, "quantization bits must be 2, 3, 4, 5, 6 or 8, got 7"),
+        ({"quantize": 16}, "quantization bits must be 2, 3, 4, 5, 6 or 8, got 16"),
+        ({"quantize": True}, "quantization bits must be 2, 3, 4, 5, 6 or 8, got True"),
         ({"quantize": 4, "group_size": 7}, "group_size must be 32, 64 or 128, got 7"),
-        ({"quantize": {"encoder": 3}}, "bits for the encoder must be 4 or 8, got 3"),
+        ({"quantize": {"encoder": 7}}, "bits for the encoder must be 2, 3, 4, 5, 6 or 8, got 7"),
+        ({"quantize": 4, "mode": "int4"}, "quantization mode must be one of affine, mxfp4, mxfp8, nvfp4, got 'int4'"),
+        ({"mode": "fp4"}, "quantization mode must be one of"),
+        ({"quantize": 8, "mode": "mxfp4"}, "quantization bits must be 4 in mode mxfp4, got 8"),
+        ({"quantize": 4, "mode": "mxfp8"}, "quantization bits must be 8 in mode mxfp8, got 4"),
+        ({"quantize": 4, "mode": "nvfp4", "group_size": 64}, "group_size must be 16 in mode nvfp4, got 64"),
+        ({"quantize": {"adapter": 8}, "mode": "nvfp4"}, "bits for the adapter must be 4 in mode nvfp4, got 8"),
         ({"quantize": {"lm_head": 4}}, "unknown quantization part.*'lm_head'.*expected decoder"),
     ],
 )
@@ -321,6 +423,12 @@ def test_broken_quantization_block(converted, tmp_path):
     (broken / "params.json").write_text(json.dumps(params))
     with pytest.raises(CheckpointError, match="unreadable quantization block"):
         mlx_voxtral.load(broken)
+    params["quantization"]["group_size"] = 64
+    for mode, match in (("q4", "mode must be one of"), ("mxfp8", "group_size must be 32 in mode mxfp8")):
+        params["quantization"]["mode"] = mode  # a mode unknown, or one the stored layout is not in
+        (broken / "params.json").write_text(json.dumps(params))
+        with pytest.raises(CheckpointError, match=f"unreadable quantization block.*{match}"):
+            mlx_voxtral.load(broken)
     del params["quantization"]
     (broken / "params.json").write_text(json.dumps(params))
     with pytest.raises(CheckpointError, match="unused checkpoint tensors.*scales"):
@@ -410,13 +518,15 @@ def test_cli_converts(tiny_checkpoint, tmp_path, speech_5s):
 
 
 def test_cli_errors(tiny_checkpoint, converted, tmp_path, capsys):
-    r = _run_cli("--model", str(tiny_checkpoint), "--out", str(tmp_path / "a"), "--bits", "3")
+    r = _run_cli("--model", str(tiny_checkpoint), "--out", str(tmp_path / "a"), "--bits", "7")
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: quantization bits must be 4 or 8, got 3"
+    assert r.stderr.strip() == "error: quantization bits must be 2, 3, 4, 5, 6 or 8, got 7"
     cases = [
         (["--bits", "4", "--group-size", "7"], "error: group_size must be 32, 64 or 128, got 7"),
-        (["--encoder-bits", "5"], "error: quantization bits for the encoder must be 4 or 8, got 5"),
-        (["--encoder-bits", "x"], "argument --encoder-bits: expected 4, 8 or none, got 'x'"),
+        (["--encoder-bits", "7"], "error: quantization bits for the encoder must be 2, 3, 4, 5, 6 or 8, got 7"),
+        (["--encoder-bits", "x"], "argument --encoder-bits: expected bits (such as 4) or none, got 'x'"),
+        (["--bits", "8", "--mode", "nvfp4"], "error: quantization bits must be 4 in mode nvfp4, got 8"),
+        (["--bits", "4", "--mode", "q4"], "error: quantization mode must be one of affine, mxfp4, mxfp8, nvfp4"),
         (["--dtype", "int8"], "argument --dtype: invalid choice"),
     ]
     for flags, message in cases:

@@ -159,13 +159,19 @@ def test_max_tokens_finish_reason(runner, speech_5s):
 def test_in_situ_quant(tiny_checkpoint, speech_5s):
     import mlx.nn as nn
 
-    for name, bits in (("Q4K", 4), ("Q8_0", 8), ("4", 4)):
+    for name, bits in (("Q4K", 4), ("Q8_0", 8), ("AFQ3", 3), ("4", 4)):
         runner = Runner(which=Which.MultimodalPlain(model_id=str(tiny_checkpoint),
                                                     arch=mlx_voxtral.MultimodalArchitecture.Voxtral),
                         in_situ_quant=name)
         q = runner.model.decoder.layers[0].attention.wq
         assert isinstance(q, nn.QuantizedLinear) and q.bits == bits
     assert content(runner, audio_url(str(speech_5s)))
+    runner = Runner(which=Which.VisionPlain(model_id=str(tiny_checkpoint)), in_situ_quant="Q4K",
+                    quantize_mode="nvfp4", backend="mlx")
+    q = runner.model.decoder.layers[0].attention.wq
+    assert (q.mode, q.bits, q.group_size) == ("nvfp4", 4, 16)
+    with pytest.raises(InvalidRequestError, match="bits must be 4 in mode mxfp4, got 8"):
+        Runner(which=Which.VisionPlain(model_id=str(tiny_checkpoint)), in_situ_quant="Q8_0", quantize_mode="mxfp4")
 
 
 @pytest.mark.parametrize(

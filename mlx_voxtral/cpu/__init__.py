@@ -17,8 +17,11 @@ asks for this backend.
 
 from __future__ import annotations
 
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from . import native
 
@@ -41,6 +44,34 @@ def _half_or_quantized(model: nn.Module) -> bool:
     return isinstance(wk, nn.QuantizedLinear) or wk.weight.dtype != mx.float32
 
 
+def mlx_fallback_layers(model: nn.Module) -> dict[str, str]:
+    """The quantized layers the native kernels do not take (they run 4- and 8-bit affine
+    weights in groups of whole blocks), by path, with their format: ``"3-bit affine, group
+    64"``. The CPU backend multiplies these with MLX (dequantized per call: correct, slower)."""
+    from .layers import _native_format
+
+    return {
+        path: f"{m.bits}-bit {m.mode}, group {m.group_size}"
+        for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and _native_format(m) is None
+    }
+
+
+def _warn_mlx_fallback(model: nn.Module) -> None:
+    """One ``RuntimeWarning`` at load naming the formats (and how many layers) that fall back
+    to MLX's matmul; nothing when the native kernels take every quantized layer."""
+    formats: dict[str, int] = {}
+    for fmt in mlx_fallback_layers(model).values():
+        formats[fmt] = formats.get(fmt, 0) + 1
+    if formats:
+        which = ", ".join(f"{n} layers at {fmt}" for fmt, n in formats.items())
+        warnings.warn(
+            f"the CPU backend's native kernels run 4- and 8-bit affine weights only: {which} are "
+            "multiplied by MLX instead (dequantized on each call: correct, but slower)",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
 def install(model: nn.Module) -> None:
     """Put the CPU backend's encoder, adapter and decoder in the model's place (the same
     parameters; nothing is copied)."""
@@ -48,6 +79,7 @@ def install(model: nn.Module) -> None:
 
     if not native.kernels_available():
         raise RuntimeError("the CPU backend's kernels are not loaded (call available() first)")
+    _warn_mlx_fallback(model)
     bf16 = _half_or_quantized(model)
     model.encoder = CPUEncoder(model.encoder, bf16)
     model.adapter = CPUAdapter(model.adapter)

@@ -14,7 +14,8 @@ of quantized layers rounded to 8 bits per group), through ``mlx_voxtral.cpu.nati
 ``CPUEncoder``, ``CPUAdapter`` and ``CPUDecoder`` hold the loaded model's submodules (the same
 parameter tree, so weights load, save and replace as usual) and compute from their input to
 their output outside MLX's graph; ``mlx_voxtral.cpu.install`` puts them in the model's place.
-A weight the kernels do not take (another quantization width, float16) is multiplied by MLX.
+A weight the kernels do not take (a quantization width other than 4/8-bit affine, another
+mode, float16) is multiplied by MLX; ``mlx_voxtral.cpu.install`` warns once which.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _bias(layer) -> Optional[np.ndarray]:
 
 def _dense(layer) -> mx.array:
     if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, mode=layer.mode)
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
+                             mode=layer.mode)
     return layer.weight
 
 
