@@ -214,8 +214,9 @@ def load(
             CPU backend: for the matmul weights; every other parameter becomes float32 there).
         quantize: quantize while loading, layer by layer: bits (2, 3, 4, 5, 6 or 8 in the
             ``affine`` mode; decoder, encoder and embedding/LM head at that width, the adapter
-            at >= 8 bits: the policy measured in ``mlx_voxtral.quantize``), or a dict such as ``{"decoder": 4, "encoder": 8,
-            "embedding": 4, "adapter": 8}`` (parts not named stay full precision). A folder
+            at >= 8 bits: the policy measured in ``mlx_voxtral.quantize``), or a dict such as
+            ``{"decoder": 4, "encoder": 8, "embedding": 4, "adapter": 8}`` (parts not named
+            stay full precision). A folder
             that is already quantized is loaded as stored and must not be given ``quantize``.
         group_size: weights per quantization group when quantizing (affine: 32, 64 or 128;
             None: the mode's default, 64 for affine); a layer whose input size it does not
