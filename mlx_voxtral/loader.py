@@ -20,6 +20,8 @@ from .quantize import (
     class_predicate,
     describe,
     quantization_config,
+    stored_layers,
+    summarize_layers,
 )
 from .tokenizer import Tokenizer
 
@@ -27,11 +29,57 @@ DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 BACKENDS = ("auto", "mlx", "cpu")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _MATMUL_LAYERS = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
-_REPO_FILES = ["params.json", "tekken.json", "*.safetensors", "*.safetensors.index.json", "README.md"]
+_CONFIGS = ["params.json", "config.json", "*.safetensors.index.json"]  # what tells the layout
+# The weight files of each layout (beside its config file and tekken.json): a Hub download
+# fetches only these. "native" is Mistral's consolidated file, or this package's own shards.
+LAYOUT_WEIGHTS = {
+    "native": "consolidated*.safetensors",
+    "mlx-voxtral": "model*.safetensors",
+    "voxmlx": "model*.safetensors",
+}
+_OWN_PREFIXES = ("encoder.", "decoder.", "adapter.")  # this package's tensor names
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def detect_layout(path: Path) -> str:
+    """Which layout a checkpoint folder is in, told by its files (weights need not be there):
+
+    * ``native``: Mistral's ``params.json`` and ``consolidated.safetensors``;
+    * ``mlx-voxtral``: ``params.json`` and shards under this package's names (``convert``);
+    * ``voxmlx``: voxmlx's ``config.json`` (the native params) and its shards.
+
+    Raises:
+        CheckpointError: none of these (the message says what was found).
+    """
+    if (path / "params.json").exists():
+        index = path / "model.safetensors.index.json"
+        if index.exists() and all(k.startswith(_OWN_PREFIXES) for k in _read_json(index).get("weight_map", {})):
+            return "mlx-voxtral"
+        if not list(path.glob("consolidated*.safetensors")) and list(path.glob("model*.safetensors")):
+            return "mlx-voxtral"
+        return "native"
+    if (path / "config.json").exists():
+        config = _read_json(path / "config.json")
+        if "multimodal" in config:
+            return "voxmlx"
+        kind = config.get("model_type") or ", ".join(config.get("architectures", [])) or "no model_type"
+        raise CheckpointError(f"{path}/config.json ({kind}) is not a Voxtral Realtime layout this package reads "
+                              "(Mistral's native one, voxmlx's, or this package's)")
+    raise CheckpointError(
+        f"{path} has no params.json or config.json: not a Voxtral Realtime checkpoint "
+        "(expected params.json, consolidated.safetensors, tekken.json)"
+    )
 
 
 def resolve_path(path_or_repo: Union[str, os.PathLike]) -> Path:
-    """A local folder as is, else a Hugging Face repo id fetched (cache, offline mode honoured)."""
+    """A local folder as is, else a Hugging Face repo id fetched (cache, offline mode
+    honoured): its config files first, then only the weights of the layout they tell."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -44,35 +92,34 @@ def resolve_path(path_or_repo: Union[str, os.PathLike]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=_REPO_FILES))
+        folder = Path(snapshot_download(name, allow_patterns=_CONFIGS))
+        layout = detect_layout(folder)
+        return Path(snapshot_download(name, allow_patterns=[*_CONFIGS, "tekken.json", "README.md",
+                                                            LAYOUT_WEIGHTS[layout]]))
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(
             f"{name!r} is neither a local folder nor a downloadable Hugging Face repo: {e}"
         ) from e
 
 
-def load_args(path: Path) -> ModelArgs:
-    params_file = path / "params.json"
-    if not params_file.exists():
-        raise CheckpointError(
-            f"{path} has no params.json: not a Voxtral Realtime checkpoint "
-            "(expected params.json, consolidated.safetensors, tekken.json)"
-        )
+def load_args(path: Path, layout: Optional[str] = None) -> ModelArgs:
+    """The model arguments of a checkpoint folder in ``layout`` (None: ``detect_layout``)."""
+    layout = layout or detect_layout(path)
+    file = path / ("config.json" if layout == "voxmlx" else "params.json")
     try:
-        params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{params_file} is not valid JSON: {e}") from e
-    try:
-        return ModelArgs.from_dict(params)
+        return ModelArgs.from_dict(_read_json(file))
     except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{params_file}: {e}") from e
+        raise CheckpointError(f"{file}: {e}") from e
 
 
-def load_weights(path: Path) -> dict[str, mx.array]:
-    """Lazily open every safetensors file of the checkpoint (nothing is read yet)."""
-    files = sorted(path.glob("*.safetensors"))
+def load_weights(path: Path, layout: Optional[str] = None) -> dict[str, mx.array]:
+    """Lazily open the safetensors files of the checkpoint's layout (nothing is read yet)."""
+    layout = layout or detect_layout(path)
+    files = sorted(path.glob(LAYOUT_WEIGHTS[layout]))
     if not files:
-        raise CheckpointError(f"{path} has no .safetensors weights")
+        raise CheckpointError(f"{path} has no .safetensors weights (the {layout} layout's {LAYOUT_WEIGHTS[layout]})")
     weights = {}
     for f in files:
         try:
@@ -239,25 +286,33 @@ def load(
     config = quantization_config(quantize, group_size, mode)
     backend = resolve_backend(backend)
     path = resolve_path(path_or_repo)
-    args = load_args(path)
+    layout = detect_layout(path)
+    args = load_args(path, layout)
     if not (path / "tekken.json").exists():
-        raise CheckpointError(f"{path} has no tekken.json tokenizer")
+        raise CheckpointError(f"{path} has no tekken.json: the tokenizer ({layout} layout; Mistral's tekken.json "
+                              f"from {DEFAULT_MODEL} belongs beside the weights)")
     tokenizer = Tokenizer(path / "tekken.json")
     model = Model(args)
     in_situ = None
-    weights = Model.sanitize(load_weights(path))
+    weights = Model.sanitize(load_weights(path, layout), layout)
     if args.quantization is not None:
-        stored = check_stored_config(args.quantization)
+        if layout in ("native", "mlx-voxtral"):
+            stored = check_stored_config(args.quantization)
+            # mlx-lm's convention: a layer is quantized where the checkpoint stores its scales,
+            # with the bits its part is stored at (the lazy, never computed contents are replaced)
+            bits_of = class_predicate(stored)
+            quantized = lambda p, m: f"{p}.scales" in weights and (bits_of(p, m) or _stored_part_error(p))  # noqa: E731
+        else:  # another project's choice of layers: each as its stored shapes say
+            layers = stored_layers(model, weights, args.quantization.get("mode", "affine"))
+            stored = summarize_layers(layers)
+            quantized = lambda p, m: layers.get(p, False)  # noqa: E731
         if quantize is not None:
             raise CheckpointError(
                 f"{path} is already quantized ({describe(stored)}); load it without "
                 "quantize, or quantize the original (unquantized) checkpoint instead"
             )
         config = stored
-        # mlx-lm's convention: a layer is quantized where the checkpoint stores its scales,
-        # with the bits its part is stored at (the lazy, never computed contents are replaced)
-        bits_of = class_predicate(config)
-        nn.quantize(model, class_predicate=lambda p, m: f"{p}.scales" in weights and (bits_of(p, m) or _stored_part_error(p)))
+        nn.quantize(model, class_predicate=quantized)
     elif config is not None:
         in_situ = class_predicate(config)
     _check_weights(model, weights)
@@ -274,4 +329,5 @@ def load(
     model.backend = backend
     model.tokenizer = tokenizer
     model.path = path
+    model.layout = layout
     return model

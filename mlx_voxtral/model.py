@@ -16,6 +16,29 @@ from .encoder import AudioEncoder
 _ENCODER = "mm_streams_embeddings.embedding_module.whisper_encoder."
 _EMBEDDING = "mm_streams_embeddings.embedding_module."
 
+# Other projects' MLX layouts of the same tensors: (our name part, theirs) pairs, replaced in
+# order (reversed order to write theirs). Their conv stems are MLX's [out, k, in] already.
+LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    # voxmlx 0.0.2 (voxmlx/weights.py): config.json is the native params.json
+    "voxmlx": (
+        ("encoder.conv_layers.0.", "encoder.conv1."),
+        ("encoder.conv_layers.1.", "encoder.conv2."),
+        ("decoder.tok_embeddings.", "language_model.embed_tokens."),
+        ("decoder.layers.", "language_model.layers."),
+        ("decoder.norm.", "language_model.norm."),
+        (".attention.wq.", ".attention.q_proj."),
+        (".attention.wk.", ".attention.k_proj."),
+        (".attention.wv.", ".attention.v_proj."),
+        (".attention.wo.", ".attention.o_proj."),
+        (".attention_norm.", ".attn_norm."),
+        (".feed_forward.w1.", ".mlp.gate_proj."),
+        (".feed_forward.w2.", ".mlp.down_proj."),
+        (".feed_forward.w3.", ".mlp.up_proj."),
+        (".ada_down.", ".ada_norm.linear_in."),
+        (".ada_up.", ".ada_norm.linear_out."),
+    ),
+}
+
 
 class Model(nn.Module):
     """Voxtral Realtime over a batch of streams.
@@ -100,8 +123,12 @@ class Model(nn.Module):
         return logits
 
     @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map Mistral native tensor names and layouts onto this module tree."""
+    def sanitize(weights: dict[str, mx.array], layout: str = "native") -> dict[str, mx.array]:
+        """Map a checkpoint's tensor names and layouts onto this module tree: Mistral's native
+        names (and this package's own, which pass through), or one of ``LAYOUTS``'. Names it
+        does not know pass through unchanged, for the loader to report."""
+        if layout in LAYOUTS:
+            return {_rename(name, LAYOUTS[layout]): w for name, w in weights.items()}
         out = {}
         for name, w in weights.items():
             if name.startswith(_ENCODER):
@@ -122,3 +149,17 @@ class Model(nn.Module):
                 )
             out[name] = w
         return out
+
+    @staticmethod
+    def to_layout(weights: dict[str, mx.array], layout: str) -> dict[str, mx.array]:
+        """The inverse of ``sanitize`` for one of ``LAYOUTS``: this module tree's tensors under
+        that project's names."""
+        return {_rename(name, LAYOUTS[layout], reverse=True): w for name, w in weights.items()}
+
+
+def _rename(name: str, pairs: tuple[tuple[str, str], ...], reverse: bool = False) -> str:
+    """``name`` with each pair's second part replaced by its first (``reverse``: the first by
+    the second, the pairs in reverse order)."""
+    for ours, theirs in reversed(pairs) if reverse else pairs:
+        name = name.replace(ours, theirs) if reverse else name.replace(theirs, ours)
+    return name

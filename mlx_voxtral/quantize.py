@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Union
 
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .exceptions import CheckpointError, InvalidRequestError
 
@@ -193,6 +194,51 @@ def class_predicate(config: dict[str, Any]) -> Callable[[str, nn.Module], Union[
         return {"group_size": group_size, "bits": bits, "mode": mode}
 
     return predicate
+
+
+def stored_layers(model: nn.Module, weights: dict[str, Any], mode: str = MODE) -> dict[str, dict[str, Any]]:
+    """The quantized layers of a checkpoint in another project's layout, by module path, with
+    the ``to_quantized`` arguments their stored tensors say: a Linear/Embedding is quantized
+    where its ``scales`` are stored, its group size is its input size over the scales' columns
+    and its bits the packed words' columns times 32 over the input size.
+
+    Raises:
+        CheckpointError: a layer whose stored shapes are no setting ``mode`` has (``MODES``).
+    """
+    layers = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        scales = weights.get(f"{path}.scales")
+        if scales is None or not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        size = module.weight.shape[-1]
+        packed = weights.get(f"{path}.weight")
+        group_size = size // scales.shape[-1] if scales.shape[-1] else 0
+        bits = packed.shape[-1] * 32 // size if packed is not None else 0
+        try:
+            quantization_config({part_of(path) or "decoder": bits}, group_size, mode)
+        except InvalidRequestError as e:
+            raise CheckpointError(f"{path} is stored quantized in shapes no {mode} setting has: {e}") from None
+        if mode == MODE and f"{path}.biases" not in weights:
+            raise CheckpointError(f"{path} is stored affine-quantized without its biases")
+        layers[path] = {"group_size": group_size, "bits": bits, "mode": mode}
+    return layers
+
+
+def summarize_layers(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``quantization`` block standing for ``stored_layers``: each part at the largest
+    width among its layers, the group size most of them have."""
+    parts: dict[str, Optional[int]] = {p: None for p in PARTS}
+    for path, q in layers.items():
+        part = part_of(path) or "decoder"
+        parts[part] = max(parts[part] or 0, q["bits"])
+    sizes = [q["group_size"] for q in layers.values()]
+    any_layer = next(iter(layers.values()), {"mode": MODE})
+    return {
+        "group_size": max(set(sizes), key=sizes.count) if sizes else MODES[MODE][2],
+        "bits": next((b for b in parts.values() if b is not None), 0),
+        "mode": any_layer["mode"],
+        "parts": parts,
+    }
 
 
 def describe(config: Optional[dict[str, Any]]) -> str:
