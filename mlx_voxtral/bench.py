@@ -60,18 +60,25 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .config import ModelArgs
 from .exceptions import VoxtralError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 16000
 
-# (dtype, quantize bits) per precision name
-# precision -> (load dtype, quantize bits). "bf16" loads the stored bf16 weights as they are
-# (dtype None: on CPU that computes in float32, the loader's default and fastest path);
-# "stored" loads any folder as it is (a converted, pre-quantized one included).
-PRECISIONS = {"fp32": ("float32", None), "bf16": (None, None), "8": (None, 8), "4": (None, 4),
-              "stored": (None, None)}
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "8": 1.0625, "4": 0.5625}  # q: + scales/biases (g=64)
+# precision -> (load dtype, quantize bits, quantization mode). "bf16" loads the stored bf16
+# weights as they are (dtype None: on CPU that computes in float32, the loader's default and
+# fastest path); "stored" loads any folder as it is (a converted, pre-quantized one included);
+# a number is that many bits of affine quantization in groups of 64, a mode name MLX's mode.
+PRECISIONS = {"fp32": ("float32", None, None), "bf16": (None, None, None),
+              **{str(b): (None, b, "affine") for b in (8, 6, 5, 4, 3, 2)},
+              "mxfp8": (None, 8, "mxfp8"), "mxfp4": (None, 4, "mxfp4"), "nvfp4": (None, 4, "nvfp4"),
+              "stored": (None, None, None)}
+# storage of one matmul weight: affine adds a bf16 scale and bias per group of 64, the fp
+# modes one 8-bit scale per group (32; nvfp4: 16)
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0,
+                    **{str(b): b / 8 + 4 / 64 for b in (8, 6, 5, 4, 3, 2)},
+                    "mxfp8": 1 + 1 / 32, "mxfp4": 0.5 + 1 / 32, "nvfp4": 0.5 + 1 / 16}
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog. Speech recognition runs locally on a laptop, "
@@ -158,8 +165,9 @@ def matmul_throughput(precision: str, backend: str, m: int = 1024, k: int = 3072
     import mlx.nn as nn
 
     layer = nn.Linear(k, n, bias=False)
-    if precision in ("8", "4"):
-        nn.quantize(layer, group_size=64, bits=int(precision))
+    _, bits, mode = PRECISIONS[precision]
+    if bits:
+        nn.quantize(layer, group_size=64 if mode == "affine" else None, bits=bits, mode=mode)
     elif precision in ("bf16", "stored"):
         layer.weight = layer.weight.astype(mx.bfloat16)
     mx.eval(layer.parameters())
@@ -204,22 +212,20 @@ def measure_machine(precisions: list[str], backends: list[str]) -> dict:
 # model costs (what the bounds are computed from)
 
 
-def bytes_per_weight(params: dict, precision: str) -> float:
+def bytes_per_weight(args: ModelArgs, precision: str) -> float:
     """Storage of one matmul weight (quantized: with its group's bf16 scale and bias)."""
     if precision != "stored":
         return BYTES_PER_WEIGHT[precision]
-    q = params.get("quantization")
+    q = args.quantization
     if not q:
         return 2.0
     # affine: a bf16 scale and bias per group; the fp modes: one 8-bit scale
     return q["bits"] / 8 + (4 if q.get("mode", "affine") == "affine" else 1) / q["group_size"]
 
 
-def model_costs(params: dict, precision: str) -> dict:
+def model_costs(args: ModelArgs, precision: str) -> dict:
     """Bytes of weights one decode step reads and FLOPs per second of audio for the encoder."""
-    from .config import ModelArgs
-
-    a = ModelArgs.from_dict(params)
+    a = args
     e = a.encoder
     dec_layer = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
     dec_layer += 3 * a.dim * a.hidden_dim
@@ -233,7 +239,7 @@ def model_costs(params: dict, precision: str) -> dict:
     adapter = 2 * (e.dim * a.downsample_factor * a.dim + a.dim * a.dim) / a.downsample_factor
     encoder_flops = frames_per_s * (2 * e.n_layers * enc_layer + e.n_layers * attention + conv + adapter)
     return {
-        "decode_step_bytes": step_weights * bytes_per_weight(params, precision),
+        "decode_step_bytes": step_weights * bytes_per_weight(args, precision),
         "encoder_flops_per_audio_s": encoder_flops,
     }
 
@@ -602,7 +608,7 @@ def run_worker(spec: dict) -> dict:
     """Everything for one backend and precision (runs in its own process)."""
     from .loader import load
 
-    dtype_name, bits = PRECISIONS[spec["precision"]]
+    dtype_name, bits, mode = PRECISIONS[spec["precision"]]
     result = Result(spec["precision"], spec["backend"], import_first=spec.get("import_first", "mlx_voxtral"))
     importlib.import_module(".tokenizer", __package__)  # mistral-common: counted before the model
 
@@ -610,7 +616,7 @@ def run_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"dtype": dtype_name, "backend": spec["backend"]}
     if bits:
-        kwargs["quantize"] = bits
+        kwargs.update(quantize=bits, mode=mode)
     model = load(spec["model"], **kwargs)
     result.load_s = round(time.perf_counter() - t0, 2)
     result.rss_after_load_gb = round(_rss() / 1e9, 3)
@@ -731,15 +737,14 @@ def _fmt(x: Any, spec: str = "") -> str:
 
 def bf16_bytes(path: Path) -> Optional[int]:
     """The size of the model in bf16 (2 bytes per parameter), for a folder not quantized."""
-    import mlx.core as mx
+    from .loader import load_args, load_weights
 
-    params = json.loads((path / "params.json").read_text())
-    if params.get("quantization"):
+    if load_args(path).quantization:
         return None
-    return 2 * sum(a.size for f in path.glob("*.safetensors") for a in mx.load(str(f)).values())
+    return 2 * sum(a.size for a in load_weights(path).values())
 
 
-def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
+def report(machine: dict, results: list[dict], peers: list[dict], args: ModelArgs,
            bf16_size: Optional[int] = None) -> str:
     bw = machine["memory_bandwidth_gbs"]
     gflops = "; ".join(f"{b}: " + ", ".join(f"{p} {v}" for p, v in g.items()) for b, g in machine["matmul_gflops"].items())
@@ -766,7 +771,7 @@ def report(machine: dict, results: list[dict], peers: list[dict], params: dict,
         if r.get("error"):
             lines.append(f"{head}  error: {r['error']}")
             continue
-        costs = model_costs(params, r["precision"])
+        costs = model_costs(args, r["precision"])
         decode_bound = 1000 * costs["decode_step_bytes"] / (bw * 1e9)
         gf = max(machine["matmul_gflops"].get(r["backend"], {0: 0}).values())
         enc_bound = costs["encoder_flops_per_audio_s"] / (gf * 1e9) if gf else None
@@ -881,7 +886,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--backends", default="auto", help="of cpu, mlx, auto (comma separated)")
     parser.add_argument("--lengths", default="60", help="audio lengths in seconds, comma separated")
     parser.add_argument("--precisions", default="fp32,bf16,8,4",
-                        help="of fp32, bf16, 8, 4, stored (the folder as it is, e.g. converted)")
+                        help="of fp32, bf16, 8, 6, 5, 4, 3, 2 (affine bits), mxfp8, mxfp4, nvfp4, stored "
+                             "(the folder as it is, e.g. converted)")
     parser.add_argument("--modes", default="offline,streaming,concurrent",
                         help="of offline, streaming, concurrent, graph, fairness, archive, dual, dialects, "
                              "imports; "
@@ -901,9 +907,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .loader import load_args, resolve_backend, resolve_path
 
     path = resolve_path(model)
-    params = json.loads((path / "params.json").read_text()) if (path / "params.json").exists() else None
-    if params is None:
-        load_args(path)  # raises a clear error for a folder that is not a checkpoint
+    model_args = load_args(path)  # any layout; a clear error for a folder that is not a checkpoint
     lengths = [float(x) for x in args.lengths.split(",") if x]
     precisions = [p for p in args.precisions.split(",") if p]
     for p in precisions:
@@ -922,7 +926,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in names:
         if name not in _PEER_CODE:
             parser.error(f"unknown peer {name!r}; choose from {', '.join(_PEER_CODE)} or 'all'")
-    machine = measure_machine(precisions, backends)
+    machine = measure_machine(precisions if modes != ["load"] else [], backends)  # loading uses no matmul figure
     results = []
     spec = {"model": str(path), "lengths": lengths, "audio": args.audio, "streams": args.streams,
             "graph_streams": [int(n) for n in args.graph_streams.split(",") if n],
@@ -951,7 +955,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 peers.append(run_peer(name, str(path), wav, seconds, args.peer_python, args.peer_timeout,
                                       args.mistralrs_isq))
     bf16_size = bf16_bytes(path)
-    print(report(machine, results, peers, params, bf16_size))
+    print(report(machine, results, peers, model_args, bf16_size))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "bf16_bytes": bf16_size, "machine": machine,
                                                "results": results, "peers": peers}, indent=2))
