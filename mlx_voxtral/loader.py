@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
 from .exceptions import CheckpointError, InvalidRequestError
@@ -20,6 +20,7 @@ from .quantize import (
     class_predicate,
     describe,
     quantization_config,
+    quantized_layer,
     stored_layers,
     summarize_layers,
 )
@@ -199,7 +200,10 @@ def _materialize(
         del chunk  # the model holds the group's tensors; quantizing drops the float ones
         pending = {path for path in quantized if path.startswith(key + ".") or path == key}
         if pending:
-            nn.quantize(model, class_predicate=lambda p, m: p in pending and predicate(p, m))
+            leaves = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+            model.update_modules(tree_unflatten([(p, quantized_layer(leaves[p], **predicate(p, leaves[p])))
+                                                 for p in pending]))
+            del leaves
         mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(key + ".")])
         if progress is not None:
             progress(done, len(groups))

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -194,6 +195,30 @@ def class_predicate(config: dict[str, Any]) -> Callable[[str, nn.Module], Union[
         return {"group_size": group_size, "bits": bits, "mode": mode}
 
     return predicate
+
+
+# MLX 0.32.4's CPU quantize in the fp modes holds ~70 bytes per weight at once (15 GB for the
+# 131072 x 3072 embedding in mxfp4) and crashes on that embedding in nvfp4: quantize at most
+# this many weights at a time (rows are independent: the arrays are the same)
+_QUANTIZE_BLOCK = 1 << 23
+
+
+def quantized_layer(module: nn.Module, group_size: int, bits: int, mode: str = MODE) -> nn.Module:
+    """``module.to_quantized(group_size, bits, mode)``, quantizing the weight a block of rows
+    at a time (evaluated block by block) when it is large; the arrays equal one
+    ``mx.quantize`` of the whole weight."""
+    layer = module.to_quantized(group_size=group_size, bits=bits, mode=mode)  # lazy: replaced below
+    w = module.weight
+    rows = max(1, _QUANTIZE_BLOCK // w.shape[-1])
+    if w.shape[0] <= rows:
+        return layer
+    blocks = []
+    for i in range(0, w.shape[0], rows):
+        blocks.append(mx.quantize(w[i : i + rows], group_size, bits, mode=mode))
+        mx.eval(blocks[-1])
+    layer.weight, layer.scales, *biases = (mx.concatenate(parts) for parts in zip(*blocks))
+    layer.biases = biases[0] if biases else None
+    return layer
 
 
 def stored_layers(model: nn.Module, weights: dict[str, Any], mode: str = MODE) -> dict[str, dict[str, Any]]:
