@@ -302,7 +302,6 @@ def load(
     if not (path / "tekken.json").exists():
         raise CheckpointError(f"{path} has no tekken.json: the tokenizer ({layout} layout; Mistral's tekken.json "
                               f"from {DEFAULT_MODEL} belongs beside the weights)")
-    tokenizer = Tokenizer(path / "tekken.json")
     model = Model(args)
     in_situ = None
     files = load_weights(path, layout)
@@ -334,6 +333,7 @@ def load(
     elif config is not None:
         in_situ = class_predicate(config)
     _check_weights(model, weights, spell)
+    tokenizer = Tokenizer(path / "tekken.json")  # after the weights' checks: they fail sooner
     float_dtype = None
     if backend == "cpu":
         from . import cpu
