@@ -266,7 +266,8 @@ def load(
     Args:
         path_or_repo: a folder with ``params.json``, ``*.safetensors`` and ``tekken.json``
             (Mistral's native checkpoint, or one written by ``mlx_voxtral.convert``, quantized
-            or not), or a Hugging Face repo id (downloaded and cached).
+            or not), a voxmlx folder (``config.json``, ``model*.safetensors``, ``tekken.json``;
+            its quantization as stored), or a Hugging Face repo id (downloaded and cached).
         dtype: dtype of the floating weights (and of quantization scales): an ``mx.Dtype`` or
             ``"float32"``, ``"float16"``, ``"bfloat16"``. ``None`` keeps the checkpoint's (on the
             CPU backend: for the matmul weights; every other parameter becomes float32 there).
