@@ -2,6 +2,7 @@
 
     python -m mlx_voxtral.convert --model mistralai/Voxtral-Mini-4B-Realtime-2602 \\
         --out voxtral-4bit --bits 4 --group-size 64 [--mode affine] [--encoder-bits 8] [--upload-repo ME/REPO]
+    python -m mlx_voxtral.convert --model ... --out voxtral-voxmlx-4bit --layout voxmlx --bits 4
 
 Without ``--bits`` the weights keep full precision (``--dtype`` can change it). ``--bits`` is
 2, 3, 4, 5, 6 or 8 in the default ``--mode affine``, 4 in ``mxfp4`` and ``nvfp4``, 8 in
@@ -21,6 +22,15 @@ The output folder holds:
 
 ``mlx_voxtral.load(out)`` opens it directly: the model is quantized as recorded *before*
 its weights are read, so nothing is quantized twice.
+
+``--layout voxmlx`` writes voxmlx's layout instead (voxmlx 0.0.2 ``voxmlx.weights.load_model``
+reads it, and so does ``mlx_voxtral.load``): ``config.json`` (the source's model parameters
+plus, when quantized, voxmlx's ``{"group_size", "bits"}``), the shards under voxmlx's tensor
+names (``mlx_voxtral.model.LAYOUTS``) with their index, and ``tekken.json``. voxmlx re-creates a
+quantized model from that one pair, quantizing every Linear/Embedding whose input size the
+group size divides (``quantize.every_layer``), so such a folder is quantized that way: one
+affine width for all of them, the adapter and the ada-norm MLPs included, not this package's
+per-part policy. The float model is loaded whole before it is quantized group by group.
 """
 
 from __future__ import annotations
@@ -34,15 +44,31 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .exceptions import CheckpointError, InvalidRequestError, VoxtralError
-from .loader import DEFAULT_MODEL, load, load_args, load_weights, resolve_path
-from .quantize import MODES, PARTS, QuantizeArg, check_stored_config, describe, quantization_config
+from .loader import CONFIG_FILES, DEFAULT_MODEL, detect_layout, load, load_args, load_weights, resolve_path
+from .model import Model
+from .quantize import (
+    MODE,
+    MODES,
+    PARTS,
+    QuantizeArg,
+    check_stored_config,
+    class_predicate,
+    describe,
+    every_layer,
+    quantization_config,
+    quantized_layers,
+    summarize_layers,
+    unlike,
+)
 
 MAX_SHARD_BYTES = 5 << 30
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+LAYOUTS = ("mlx-voxtral", "voxmlx")  # the layouts convert writes: this package's (default), voxmlx's
 
 
 def _stored_dtype(path: Path) -> mx.Dtype:
@@ -89,7 +115,8 @@ def save_weights(
     return names
 
 
-def model_card(base_model: str, name: str, config: Optional[dict], dtype: mx.Dtype) -> str:
+def model_card(base_model: str, name: str, config: Optional[dict], dtype: mx.Dtype,
+               layout: str = "mlx-voxtral") -> str:
     """README.md for a converted folder: Hub metadata and how to use it."""
     from . import __version__
 
@@ -100,8 +127,18 @@ def model_card(base_model: str, name: str, config: Optional[dict], dtype: mx.Dty
         tags.append(f"{config['bits']}-bit")
         weights = (
             f"Quantized with group-wise {config.get('mode', 'affine')} quantization: {describe(config)}. The conv stem, "
-            "norms and ada-norm MLPs stay in full precision."
+            + ("norms and ada-norm MLPs stay" if layout == "mlx-voxtral" else
+               "norms and the layers whose input size the group size does not divide stay") + " in full precision."
         )
+    voxmlx = "" if layout != "voxmlx" else f"""
+The folder is in [voxmlx](https://github.com/awnihannun/voxmlx)'s layout, so voxmlx reads it too:
+
+```python
+from voxmlx import transcribe
+
+print(transcribe("speech.wav", model_path="{name}"))
+```
+"""
     front = "\n".join(
         ["---", "library_name: mlx", "license: apache-2.0", f"base_model: {base_model}",
          "pipeline_tag: automatic-speech-recognition", "tags:"]
@@ -127,7 +164,7 @@ import mlx_voxtral
 model = mlx_voxtral.load("{name}")
 print(mlx_voxtral.transcribe(model, "speech.wav").text)
 ```
-"""
+{voxmlx}"""
 
 
 def upload(folder: Union[str, os.PathLike], repo: str) -> None:
@@ -152,15 +189,17 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     show_progress: bool = True,
     mode: str = "affine",
+    layout: str = "mlx-voxtral",
 ) -> Path:
     """Write ``src`` as an MLX-format folder ``dst``, quantized if ``bits`` is given.
 
     Args:
-        src: a native checkpoint folder, a Hugging Face repo id, or a converted folder (which
-            can be re-saved but not quantized again).
+        src: a native checkpoint folder, a Hugging Face repo id, or a converted folder (this
+            package's or voxmlx's; it can be re-saved but not quantized again).
         dst: the output folder; it must not exist yet.
         bits: bits as ``mlx_voxtral.load``'s ``quantize`` (2, 3, 4, 5, 6 or 8 in the affine
-            mode), a per-part dict, or None to keep full precision.
+            mode), a per-part dict, or None to keep full precision. With ``layout="voxmlx"``:
+            bits only, for every layer voxmlx quantizes (``quantize.every_layer``).
         group_size: weights per quantization group (affine: 32, 64 or 128); None: the mode's
             default (64 for affine).
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the unquantized weights and
@@ -169,16 +208,31 @@ def convert(
         max_shard_bytes: largest safetensors shard.
         show_progress: show progress bars (stderr).
         mode: ``"affine"``, ``"mxfp4"``, ``"mxfp8"`` or ``"nvfp4"``; recorded in
-            ``params.json``, so ``load(dst)`` quantizes the same way.
+            ``params.json``, so ``load(dst)`` quantizes the same way (``layout="voxmlx"``:
+            affine only).
+        layout: ``"mlx-voxtral"`` (this package's) or ``"voxmlx"`` (``LAYOUTS``; see the
+            module docstring).
 
     Returns:
         The output folder.
 
     Raises:
         InvalidRequestError: bad bits, group size, mode (or a combination the mode does
-            not have) or dtype, or ``dst`` already exists.
-        CheckpointError: ``src`` is not a usable checkpoint, or is already quantized.
+            not have), dtype or layout; per-part bits or a mode other than affine for the
+            voxmlx layout; or ``dst`` already exists.
+        CheckpointError: ``src`` is not a usable checkpoint, is already quantized (and
+            ``bits`` is given), or is quantized in a way the chosen layout cannot record.
     """
+    if layout not in LAYOUTS:
+        raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "voxmlx" and bits is not None:
+        if isinstance(bits, dict):
+            raise InvalidRequestError(
+                "the voxmlx layout takes one width for every layer (voxmlx 0.0.2 reads a single "
+                "{group_size, bits} pair and quantizes every Linear/Embedding with it), not per-part bits")
+        if mode != MODE:
+            raise InvalidRequestError(f"the voxmlx layout is affine-quantized only (voxmlx 0.0.2 records no mode), "
+                                      f"got mode {mode!r}")
     config = quantization_config(bits, group_size, mode)
     if dtype is not None and dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -188,11 +242,10 @@ def convert(
     path = resolve_path(src)
     args = load_args(path)
     if args.quantization is not None and bits is not None:
-        stored = check_stored_config(args.quantization)
-        raise CheckpointError(
-            f"{src} is already quantized ({describe(stored)}); quantize the original "
-            "checkpoint instead"
-        )
+        q = args.quantization
+        stored = (f"{q.get('bits')}-bit, group size {q.get('group_size')}" if detect_layout(path) == "voxmlx"
+                  else describe(check_stored_config(q)))
+        raise CheckpointError(f"{src} is already quantized ({stored}); quantize the original checkpoint instead")
     target = DTYPES[dtype] if dtype is not None else _stored_dtype(path)
     desc = "quantizing" if config else "converting"
     with tqdm(desc=desc, unit="group", disable=not show_progress) as bar:
@@ -201,24 +254,85 @@ def convert(
             bar.total = total
             bar.update(done - bar.n)
 
-        model = load(path, dtype=target, quantize=bits, group_size=group_size, progress=progress,
-                     mode=mode, backend="mlx")  # nothing runs: the CPU backend's kernels are not needed
+        in_situ = layout == "mlx-voxtral"  # voxmlx's selection is not a per-part policy
+        # backend "mlx": nothing runs, so the CPU backend's kernels are not needed
+        model = load(path, dtype=target, quantize=bits if in_situ else None, group_size=group_size,
+                     progress=progress, mode=mode, backend="mlx")
 
+    if layout == "voxmlx":
+        if config is not None:
+            _quantize_every_layer(model, config["bits"], config["group_size"])
+        saved = _voxmlx_quantization(model, src)
+    else:
+        saved = model.args.quantization
+        if saved is not None and model.layout not in ("native", "mlx-voxtral"):
+            # another project's quantized folder: this layout records a per-part policy
+            # (``class_predicate``), which must re-create every layer as stored
+            odd = unlike(model, class_predicate(saved))
+            if odd:
+                raise CheckpointError(
+                    f"{src} ({model.layout} layout) is quantized in layers this package's layout cannot record "
+                    f"({len(odd)}: {'; '.join(odd[:5])}); convert the original checkpoint instead"
+                    + (", or write --layout voxmlx" if _voxmlx_quantization(model, None, strict=False) else ""))
     out.mkdir(parents=True)
-    save_weights(out, dict(tree_flatten(model.parameters())), max_shard_bytes, show_progress)
-    params = json.loads((path / "params.json").read_text())
+    weights = dict(tree_flatten(model.parameters()))
+    params = json.loads((path / CONFIG_FILES[model.layout]).read_text())
     params.pop("quantization", None)
-    if model.args.quantization is not None:
-        params["quantization"] = model.args.quantization
-    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    if layout == "voxmlx":
+        save_weights(out, Model.to_layout(weights, "voxmlx"), max_shard_bytes, show_progress)
+        if saved is not None:
+            params["quantization"] = saved
+        (out / "config.json").write_text(json.dumps(params, indent=2) + "\n")
+    else:
+        save_weights(out, weights, max_shard_bytes, show_progress)
+        if saved is not None:
+            params["quantization"] = saved
+        (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     shutil.copy(path / "tekken.json", out / "tekken.json")
     # a local folder is taken to be a copy of the released checkpoint
     base_model = DEFAULT_MODEL if Path(src).expanduser().exists() else str(src)
     name = upload_repo or out.name
-    (out / "README.md").write_text(model_card(base_model, name, model.args.quantization, target))
+    (out / "README.md").write_text(model_card(base_model, name, model.args.quantization, target, layout))
     if upload_repo is not None:
         upload(out, upload_repo)
     return out
+
+
+def _quantize_every_layer(model: Model, bits: int, group_size: int) -> None:
+    """Quantize ``model`` (loaded in full precision) as voxmlx does (``every_layer``), one
+    layer group at a time, each evaluated before the next, so the float weights it replaces
+    go as it goes; ``model.args.quantization`` becomes the per-part summary."""
+    predicate = every_layer(bits, group_size)
+    groups: dict[str, None] = {}
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if predicate(path, m):
+            parts = path.split(".")
+            groups[".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])] = None
+    for key in groups:
+        nn.quantize(model, class_predicate=lambda p, m: (p == key or p.startswith(key + ".")) and predicate(p, m))
+        mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(key + ".")])
+    model.args.quantization = summarize_layers(quantized_layers(model))
+
+
+def _voxmlx_quantization(model: Model, src, strict: bool = True) -> Optional[dict]:
+    """voxmlx's ``{"group_size", "bits"}`` for ``model`` (None: not quantized). Its layers must
+    be what voxmlx makes of that pair (``every_layer``): else a CheckpointError naming them
+    (``strict``), or None."""
+    layers = quantized_layers(model)
+    if not layers:
+        return None
+    first = next(iter(layers.values()))
+    odd = [] if first["mode"] == MODE else [f"mode {first['mode']}"]
+    odd = odd or unlike(model, every_layer(first["bits"], first["group_size"]))
+    if not odd:
+        return {"group_size": first["group_size"], "bits": first["bits"]}
+    if not strict:
+        return None
+    raise CheckpointError(
+        f"{src} is quantized in a way voxmlx 0.0.2 cannot read (it quantizes every Linear/Embedding whose input "
+        f"size the group size divides, at one affine width): {len(odd)} layers differ from "
+        f"{first['bits']}-bit group {first['group_size']}: {'; '.join(odd[:5])}; convert the original checkpoint "
+        "with --layout voxmlx --bits N instead")
 
 
 def _part_bits(value: str) -> Optional[int]:
@@ -252,6 +366,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
             f"--{part}-bits", type=_part_bits, default=argparse.SUPPRESS, metavar="{BITS,none}",
             help=f"override the bits of the {part} (none: full precision)",
         )
+    parser.add_argument("--layout", choices=LAYOUTS, default="mlx-voxtral",
+                        help="folder layout: this package's (default) or voxmlx's (one --bits for every "
+                             "layer, as voxmlx reads it)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype of unquantized weights and scales (default: the source's)")
     parser.add_argument("--upload-repo", default=None,
@@ -264,7 +381,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
             base = quantization_config(args.bits, args.group_size, args.mode)  # validates --bits
             bits = {**(base["parts"] if base else {}), **overrides}
         out = convert(args.model, args.out, bits, args.group_size, args.dtype, args.upload_repo,
-                      mode=args.mode)
+                      mode=args.mode, layout=args.layout)
     except VoxtralError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

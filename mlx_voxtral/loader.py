@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelArgs
 from .exceptions import CheckpointError, InvalidRequestError
-from .model import Model
+from .model import LAYOUTS, Model
 from .quantize import (
     QuantizeArg,
     check_stored_config,
@@ -38,6 +38,8 @@ LAYOUT_WEIGHTS = {
     "mlx-voxtral": "model*.safetensors",
     "voxmlx": "model*.safetensors",
 }
+# The file holding each layout's model parameters (Mistral's params.json schema in all three)
+CONFIG_FILES = {"native": "params.json", "mlx-voxtral": "params.json", "voxmlx": "config.json"}
 _OWN_PREFIXES = ("encoder.", "decoder.", "adapter.")  # this package's tensor names
 
 
@@ -108,7 +110,7 @@ def resolve_path(path_or_repo: Union[str, os.PathLike]) -> Path:
 def load_args(path: Path, layout: Optional[str] = None) -> ModelArgs:
     """The model arguments of a checkpoint folder in ``layout`` (None: ``detect_layout``)."""
     layout = layout or detect_layout(path)
-    file = path / ("config.json" if layout == "voxmlx" else "params.json")
+    file = path / CONFIG_FILES[layout]
     try:
         return ModelArgs.from_dict(_read_json(file))
     except (ValueError, TypeError, KeyError) as e:
@@ -135,13 +137,22 @@ def _stored_part_error(path: str):
                           "full precision")
 
 
-def _check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    """Fail loudly, naming tensors, if the checkpoint and the model do not match one to one."""
+def _spelling(layout: str) -> Callable[[str], str]:
+    """How a layout's files spell one of this module tree's tensor names or module paths, for
+    messages (the native mapping is not a renaming: its messages use this package's names)."""
+    if layout in LAYOUTS:  # a module path as a name prefix, the trailing "." the table's parts end in
+        return lambda name: next(iter(Model.to_layout({name + ".": None}, layout)))[:-1]
+    return lambda name: name
+
+
+def _check_weights(model: nn.Module, weights: dict[str, mx.array], spell: Callable[[str], str] = str) -> None:
+    """Fail loudly, naming tensors (as ``spell`` writes them: as the checkpoint's files do), if
+    the checkpoint and the model do not match one to one."""
     expected = dict(tree_flatten(model.parameters()))
-    unused = sorted(set(weights) - set(expected))
-    missing = sorted(set(expected) - set(weights))
+    unused = sorted(spell(k) for k in set(weights) - set(expected))
+    missing = sorted(spell(k) for k in set(expected) - set(weights))
     shapes = sorted(
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        f"{spell(k)}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in weights and weights[k].shape != v.shape
     )
@@ -259,7 +270,8 @@ def load(
     Args:
         path_or_repo: a folder with ``params.json``, ``*.safetensors`` and ``tekken.json``
             (Mistral's native checkpoint, or one written by ``mlx_voxtral.convert``, quantized
-            or not), or a Hugging Face repo id (downloaded and cached).
+            or not), a voxmlx folder (``config.json``, ``model*.safetensors``, ``tekken.json``;
+            its quantization as stored), or a Hugging Face repo id (downloaded and cached).
         dtype: dtype of the floating weights (and of quantization scales): an ``mx.Dtype`` or
             ``"float32"``, ``"float16"``, ``"bfloat16"``. ``None`` keeps the checkpoint's (on the
             CPU backend: for the matmul weights; every other parameter becomes float32 there).
@@ -295,10 +307,16 @@ def load(
     if not (path / "tekken.json").exists():
         raise CheckpointError(f"{path} has no tekken.json: the tokenizer ({layout} layout; Mistral's tekken.json "
                               f"from {DEFAULT_MODEL} belongs beside the weights)")
-    tokenizer = Tokenizer(path / "tekken.json")
     model = Model(args)
     in_situ = None
-    weights = Model.sanitize(load_weights(path, layout), layout)
+    files = load_weights(path, layout)
+    weights = Model.sanitize(files, layout)
+    spell = _spelling(layout)
+    if layout in LAYOUTS:  # names sanitize passes through, but that project does not write
+        strays = sorted(n for n in files if spell(next(iter(Model.sanitize({n: None}, layout)))) != n)
+        if strays:
+            raise CheckpointError(f"{path} is in {layout}'s layout but {len(strays)} tensors are not under its names: "
+                                  f"{', '.join(strays[:20])}")
     if args.quantization is not None:
         if layout in ("native", "mlx-voxtral"):
             stored = check_stored_config(args.quantization)
@@ -307,7 +325,7 @@ def load(
             bits_of = class_predicate(stored)
             quantized = lambda p, m: f"{p}.scales" in weights and (bits_of(p, m) or _stored_part_error(p))  # noqa: E731
         else:  # another project's choice of layers: each as its stored shapes say
-            layers = stored_layers(model, weights, args.quantization.get("mode", "affine"))
+            layers = stored_layers(model, weights, args.quantization.get("mode", "affine"), spell)
             stored = summarize_layers(layers)
             quantized = lambda p, m: layers.get(p, False)  # noqa: E731
         if quantize is not None:
@@ -319,7 +337,8 @@ def load(
         nn.quantize(model, class_predicate=quantized)
     elif config is not None:
         in_situ = class_predicate(config)
-    _check_weights(model, weights)
+    _check_weights(model, weights, spell)
+    tokenizer = Tokenizer(path / "tekken.json")  # after the weights' checks: they fail sooner
     float_dtype = None
     if backend == "cpu":
         from . import cpu

@@ -221,11 +221,65 @@ def quantized_layer(module: nn.Module, group_size: int, bits: int, mode: str = M
     return layer
 
 
-def stored_layers(model: nn.Module, weights: dict[str, Any], mode: str = MODE) -> dict[str, dict[str, Any]]:
+def every_layer(bits: int, group_size: int) -> Callable[[str, nn.Module], Union[bool, dict]]:
+    """The ``class_predicate`` of one affine ``bits``/``group_size`` over every Linear/Embedding
+    whose input size the group size divides, the adapter and the ada-norm MLPs included: the
+    selection voxmlx (0.0.2, ``voxmlx.weights``) re-creates from its config's one
+    ``{"group_size", "bits"}``, so the only one a voxmlx folder can hold."""
+
+    def predicate(path: str, module: nn.Module) -> Union[bool, dict]:
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or module.weight.shape[-1] % group_size:
+            return False
+        return {"group_size": group_size, "bits": bits, "mode": MODE}
+
+    return predicate
+
+
+def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each quantized layer of ``model`` by module path, with its ``to_quantized`` arguments."""
+    return {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", MODE)}
+        for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+
+
+def unlike(model: nn.Module, predicate: Callable[[str, nn.Module], Union[bool, dict]]) -> list[str]:
+    """The layers of ``model`` (quantized already, or not) that ``nn.quantize`` with
+    ``predicate`` would not make as they are: ``path: 4-bit group 64, not full precision``."""
+    out = []
+    have = quantized_layers(model)
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if not isinstance(m, (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        if path in have:  # ask the predicate about the float layer this one was made from
+            q = have[path]
+            size = m.weight.shape[-1] * 32 // q["bits"]
+            probe = nn.Embedding(1, size) if isinstance(m, nn.QuantizedEmbedding) else nn.Linear(size, 1)
+        else:
+            q, probe = None, m
+        want = predicate(path, probe) or None
+        if want is not None:
+            want = {"group_size": want["group_size"], "bits": want["bits"], "mode": want.get("mode", MODE)}
+        if want != q:
+            out.append(f"{path}: {_setting(q)}, not {_setting(want)}")
+    return out
+
+
+def _setting(q: Optional[dict[str, Any]]) -> str:
+    if q is None:
+        return "full precision"
+    return f"{q['bits']}-bit{'' if q['mode'] == MODE else ' ' + q['mode']} group {q['group_size']}"
+
+
+def stored_layers(
+    model: nn.Module, weights: dict[str, Any], mode: str = MODE, spell: Callable[[str], str] = str
+) -> dict[str, dict[str, Any]]:
     """The quantized layers of a checkpoint in another project's layout, by module path, with
     the ``to_quantized`` arguments their stored tensors say: a Linear/Embedding is quantized
     where its ``scales`` are stored, its group size is its input size over the scales' columns
-    and its bits the packed words' columns times 32 over the input size.
+    and its bits the packed words' columns times 32 over the input size. Messages name a layer
+    as ``spell`` writes its path (as the checkpoint's files do).
 
     Raises:
         CheckpointError: a layer whose stored shapes are no setting ``mode`` has (``MODES``).
@@ -242,9 +296,9 @@ def stored_layers(model: nn.Module, weights: dict[str, Any], mode: str = MODE) -
         try:
             quantization_config({part_of(path) or "decoder": bits}, group_size, mode)
         except InvalidRequestError as e:
-            raise CheckpointError(f"{path} is stored quantized in shapes no {mode} setting has: {e}") from None
+            raise CheckpointError(f"{spell(path)} is stored quantized in shapes no {mode} setting has: {e}") from None
         if mode == MODE and f"{path}.biases" not in weights:
-            raise CheckpointError(f"{path} is stored affine-quantized without its biases")
+            raise CheckpointError(f"{spell(path)} is stored affine-quantized without its biases")
         layers[path] = {"group_size": group_size, "bits": bits, "mode": mode}
     return layers
 
