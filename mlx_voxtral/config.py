@@ -109,15 +109,20 @@ class ModelArgs(_FromDict):
         processor; ``default_num_delay_tokens`` is transformers' fallback only.
 
         Raises:
-            ValueError: not a Voxtral Realtime config, or a setting this model does not have
-                (another activation or RoPE type, an audio token that is not two conv strides
-                times ``downsample_factor`` mel frames).
+            ValueError: not a Voxtral Realtime config, quantized by transformers, or a setting
+                this model does not have (another activation or RoPE type, an audio token that
+                is not two conv strides times ``downsample_factor`` mel frames).
         """
         kind = config.get("model_type")
         if kind != "voxtral_realtime" or not isinstance(config.get("audio_config"), dict) \
                 or not isinstance(config.get("text_config"), dict):
-            raise ValueError(f"model_type {kind!r} with keys {sorted(config)}: not transformers' Voxtral Realtime "
-                             "config (model_type 'voxtral_realtime' with audio_config and text_config)")
+            lacks = "".join(f", no {k}" for k in ("audio_config", "text_config") if not isinstance(config.get(k), dict))
+            raise ValueError(f"model_type {kind!r}{lacks}: not transformers' Voxtral Realtime config "
+                             "(model_type 'voxtral_realtime' with audio_config and text_config)")
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "unnamed")
+            raise ValueError(f"quantized by transformers ({method}), which this package does not read: load the "
+                             "unquantized folder (quantize= quantizes it here)")
         audio, text = config["audio_config"], config["text_config"]
         features = feature_extractor or {}
         downsample = config.get("downsample_factor", 4)
