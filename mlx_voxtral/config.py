@@ -98,7 +98,9 @@ class ModelArgs(_FromDict):
         return args
 
     @classmethod
-    def from_transformers(cls, config: dict[str, Any], feature_extractor: Optional[dict[str, Any]] = None) -> "ModelArgs":
+    def from_transformers(
+        cls, config: dict[str, Any], feature_extractor: Optional[dict[str, Any]] = None
+    ) -> "ModelArgs":
         """Parse the ``config.json`` that transformers' ``VoxtralRealtimeForConditionalGeneration``
         writes (``audio_config``, ``text_config``), with the audio front end's settings from its
         processor's ``feature_extractor`` block where given (else the model's defaults).
@@ -138,6 +140,17 @@ class ModelArgs(_FromDict):
         ):
             if value != expected:
                 raise ValueError(f"{key} is {value!r}; this model has only {expected!r}")
+        try:
+            return cls._from_transformers(config, audio, text, features, downsample)
+        except KeyError as e:
+            raise ValueError(f"config.json lacks {e.args[0]!r} in audio_config or text_config") from None
+
+    @classmethod
+    def _from_transformers(
+        cls, config: dict[str, Any], audio: dict[str, Any], text: dict[str, Any], features: dict[str, Any],
+        downsample: int,
+    ) -> "ModelArgs":
+        """``from_transformers``' arguments from its checked sections (KeyError: one lacks a size)."""
         sampling_rate = features.get("sampling_rate", 16000)
         hop_length = features.get("hop_length", 160)
         encoder = EncoderArgs(
@@ -160,9 +173,10 @@ class ModelArgs(_FromDict):
                 global_log_mel_max=features.get("global_log_mel_max", 1.5),
             ),
         )
-        if features.get("feature_size", encoder.audio_encoding_args.num_mel_bins) != encoder.audio_encoding_args.num_mel_bins:
+        n_mels = encoder.audio_encoding_args.num_mel_bins
+        if features.get("feature_size", n_mels) != n_mels:
             raise ValueError(f"the feature extractor's feature_size {features['feature_size']} is not audio_config's "
-                             f"num_mel_bins {encoder.audio_encoding_args.num_mel_bins}")
+                             f"num_mel_bins {n_mels}")
         n_heads = text["num_attention_heads"]
         window = text.get("sliding_window", 8192)  # None: full attention (transformers' default is 8192)
         return cls(

@@ -218,3 +218,9 @@ def test_configs_this_model_is_not(hf_folders, tmp_path, edit, message):
     folder = _config(hf_folders["float32"], tmp_path, edit)
     with pytest.raises(CheckpointError, match=message):
         mlx_voxtral.load(folder, backend="mlx")
+
+
+def test_config_lacking_a_size_is_named(hf_folders, tmp_path):
+    folder = _config(hf_folders["float32"], tmp_path, lambda c: c["text_config"].pop("intermediate_size"))
+    with pytest.raises(CheckpointError, match="config.json lacks 'intermediate_size' in audio_config or text_config"):
+        mlx_voxtral.load(folder, backend="mlx")
