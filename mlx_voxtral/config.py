@@ -1,4 +1,4 @@
-"""Model arguments parsed from Mistral's native ``params.json``."""
+"""Model arguments parsed from Mistral's native ``params.json`` (or transformers' ``config.json``)."""
 
 from __future__ import annotations
 
@@ -96,3 +96,112 @@ class ModelArgs(_FromDict):
         args.encoder = EncoderArgs.from_dict(whisper["encoder_args"])
         args.downsample_factor = whisper.get("downsample_args", {}).get("downsample_factor", 4)
         return args
+
+    @classmethod
+    def from_transformers(
+        cls, config: dict[str, Any], feature_extractor: Optional[dict[str, Any]] = None
+    ) -> "ModelArgs":
+        """Parse the ``config.json`` that transformers' ``VoxtralRealtimeForConditionalGeneration``
+        writes (``audio_config``, ``text_config``), with the audio front end's settings from its
+        processor's ``feature_extractor`` block where given (else the model's defaults).
+
+        What transformers' modules fix rather than configure is fixed here too: biases on the
+        encoder's q/v/o and FFN output and none in the decoder, the 32-wide delay (ada) norm
+        and SwiGLU. The default delay is the tokenizer's (``tekken.json``), as in transformers'
+        processor; ``default_num_delay_tokens`` is transformers' fallback only.
+
+        Raises:
+            ValueError: not a Voxtral Realtime config, quantized by transformers, or a setting
+                this model does not have (another activation or RoPE type, an audio token that
+                is not two conv strides times ``downsample_factor`` mel frames).
+        """
+        kind = config.get("model_type")
+        if kind != "voxtral_realtime" or not isinstance(config.get("audio_config"), dict) \
+                or not isinstance(config.get("text_config"), dict):
+            lacks = "".join(f", no {k}" for k in ("audio_config", "text_config") if not isinstance(config.get(k), dict))
+            raise ValueError(f"model_type {kind!r}{lacks}: not transformers' Voxtral Realtime config "
+                             "(model_type 'voxtral_realtime' with audio_config and text_config)")
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "unnamed")
+            raise ValueError(f"quantized by transformers ({method}), which this package does not read: load the "
+                             "unquantized folder (quantize= quantizes it here)")
+        audio, text = config["audio_config"], config["text_config"]
+        features = feature_extractor or {}
+        downsample = config.get("downsample_factor", 4)
+        if config.get("audio_length_per_tok", 2 * downsample) != 2 * downsample:
+            raise ValueError(f"audio_length_per_tok {config['audio_length_per_tok']} is not 2 x downsample_factor "
+                             f"({downsample}): this model's audio token is two conv strides times the downsampling")
+        for key, value, expected in (
+            ("text_config.hidden_act", text.get("hidden_act", "silu"), "silu"),
+            ("audio_config.hidden_act", audio.get("hidden_act", "silu"), "silu"),
+            ("projector_hidden_act", config.get("projector_hidden_act", "gelu"), "gelu"),
+            ("audio_config.rope type", _rope(audio, key="rope_type", default="default"), "default"),
+            ("text_config.rope type", _rope(text, key="rope_type", default="default"), "default"),
+        ):
+            if value != expected:
+                raise ValueError(f"{key} is {value!r}; this model has only {expected!r}")
+        try:
+            return cls._from_transformers(config, audio, text, features, downsample)
+        except KeyError as e:
+            raise ValueError(f"config.json lacks {e.args[0]!r} in audio_config or text_config") from None
+
+    @classmethod
+    def _from_transformers(
+        cls, config: dict[str, Any], audio: dict[str, Any], text: dict[str, Any], features: dict[str, Any],
+        downsample: int,
+    ) -> "ModelArgs":
+        """``from_transformers``' arguments from its checked sections (KeyError: one lacks a size)."""
+        sampling_rate = features.get("sampling_rate", 16000)
+        hop_length = features.get("hop_length", 160)
+        encoder = EncoderArgs(
+            dim=audio["hidden_size"],
+            n_layers=audio["num_hidden_layers"],
+            head_dim=audio.get("head_dim") or audio["hidden_size"] // audio["num_attention_heads"],
+            hidden_dim=audio["intermediate_size"],
+            n_heads=audio["num_attention_heads"],
+            n_kv_heads=audio["num_attention_heads"],  # transformers' encoder has no GQA
+            use_biases=True,
+            rope_theta=_rope(audio),
+            norm_eps=audio.get("rms_norm_eps", 1e-5),
+            sliding_window=audio.get("sliding_window", 750),
+            audio_encoding_args=AudioEncodingArgs(
+                sampling_rate=sampling_rate,
+                frame_rate=sampling_rate / hop_length / (2 * downsample),
+                num_mel_bins=audio.get("num_mel_bins", 128),
+                hop_length=hop_length,
+                window_size=features.get("n_fft", 400),
+                global_log_mel_max=features.get("global_log_mel_max", 1.5),
+            ),
+        )
+        n_mels = encoder.audio_encoding_args.num_mel_bins
+        if features.get("feature_size", n_mels) != n_mels:
+            raise ValueError(f"the feature extractor's feature_size {features['feature_size']} is not audio_config's "
+                             f"num_mel_bins {n_mels}")
+        n_heads = text["num_attention_heads"]
+        window = text.get("sliding_window", 8192)  # None: full attention (transformers' default is 8192)
+        return cls(
+            dim=text["hidden_size"],
+            n_layers=text["num_hidden_layers"],
+            head_dim=text.get("head_dim") or text["hidden_size"] // n_heads,
+            hidden_dim=text["intermediate_size"],
+            n_heads=n_heads,
+            n_kv_heads=text.get("num_key_value_heads") or n_heads,
+            vocab_size=text["vocab_size"],
+            rope_theta=_rope(text),
+            norm_eps=text.get("rms_norm_eps", 1e-5),
+            sliding_window=window if window is not None else text.get("max_position_embeddings", 131072),
+            model_max_length=text.get("max_position_embeddings", 131072),
+            tied_embeddings=config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)),
+            use_biases=False,
+            ada_rms_norm_t_cond=True,
+            ada_rms_norm_t_cond_dim=32,  # transformers' VoxtralRealtimeTextAdaRmsNorm: nn.Linear(dim, 32)
+            downsample_factor=downsample,
+            encoder=encoder,
+        )
+
+
+def _rope(section: dict[str, Any], key: str = "rope_theta", default: Any = 1e6) -> Any:
+    """A RoPE setting of a transformers sub-config: in ``rope_parameters`` (transformers 5),
+    or at the top level (older configs)."""
+    params = section.get("rope_parameters") or {}
+    return params.get(key, section.get(key, default))

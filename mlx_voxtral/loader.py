@@ -37,9 +37,14 @@ LAYOUT_WEIGHTS = {
     "native": "consolidated*.safetensors",
     "mlx-voxtral": "model*.safetensors",
     "voxmlx": "model*.safetensors",
+    "transformers": "model*.safetensors",
 }
-# The file holding each layout's model parameters (Mistral's params.json schema in all three)
-CONFIG_FILES = {"native": "params.json", "mlx-voxtral": "params.json", "voxmlx": "config.json"}
+# The file holding each layout's model parameters (Mistral's params.json schema but transformers')
+CONFIG_FILES = {"native": "params.json", "mlx-voxtral": "params.json", "voxmlx": "config.json",
+                "transformers": "config.json"}
+# transformers' processor settings (the log-mel front end) beside its config.json: read where present
+_PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
+_TRANSFORMERS_CLASS = "VoxtralRealtimeForConditionalGeneration"
 _OWN_PREFIXES = ("encoder.", "decoder.", "adapter.")  # this package's tensor names
 
 
@@ -55,7 +60,14 @@ def detect_layout(path: Path) -> str:
 
     * ``native``: Mistral's ``params.json`` and ``consolidated.safetensors``;
     * ``mlx-voxtral``: ``params.json`` and shards under this package's names (``convert``);
-    * ``voxmlx``: voxmlx's ``config.json`` (the native params) and its shards.
+    * ``voxmlx``: voxmlx's ``config.json`` (the native params) and its shards;
+    * ``transformers``: the ``config.json`` and ``model*.safetensors`` that transformers'
+      ``VoxtralRealtimeForConditionalGeneration.save_pretrained`` writes (``model_type``
+      ``voxtral_realtime`` with ``audio_config`` and ``text_config``, or that architecture).
+
+    A folder with ``params.json`` is read as Mistral's (or this package's) layout even where it
+    also holds another layout's files, as Mistral's Hub repo does: only that layout's weights
+    are read.
 
     Raises:
         CheckpointError: none of these (the message says what was found).
@@ -71,9 +83,14 @@ def detect_layout(path: Path) -> str:
         config = _read_json(path / "config.json")
         if "multimodal" in config:
             return "voxmlx"
+        hf_sections = "audio_config" in config and "text_config" in config
+        if (config.get("model_type") == "voxtral_realtime" and hf_sections) or (
+            _TRANSFORMERS_CLASS in (config.get("architectures") or []) and "encoder_args" not in config
+        ):
+            return "transformers"
         kind = config.get("model_type") or ", ".join(config.get("architectures", [])) or "no model_type"
         raise CheckpointError(f"{path}/config.json ({kind}) is not a Voxtral Realtime layout this package reads "
-                              "(Mistral's native one, voxmlx's, or this package's)")
+                              "(Mistral's native one, voxmlx's, transformers', or this package's)")
     raise CheckpointError(
         f"{path} has no params.json or config.json: not a Voxtral Realtime checkpoint "
         "(expected params.json, consolidated.safetensors, tekken.json)"
@@ -97,8 +114,8 @@ def resolve_path(path_or_repo: Union[str, os.PathLike]) -> Path:
     try:
         folder = Path(snapshot_download(name, allow_patterns=_CONFIGS))
         layout = detect_layout(folder)
-        return Path(snapshot_download(name, allow_patterns=[*_CONFIGS, "tekken.json", "README.md",
-                                                            LAYOUT_WEIGHTS[layout]]))
+        return Path(snapshot_download(name, allow_patterns=[*_CONFIGS, *_PROCESSOR_CONFIGS, "tekken.json",
+                                                            "README.md", LAYOUT_WEIGHTS[layout]]))
     except CheckpointError:
         raise
     except Exception as e:
@@ -112,9 +129,22 @@ def load_args(path: Path, layout: Optional[str] = None) -> ModelArgs:
     layout = layout or detect_layout(path)
     file = path / CONFIG_FILES[layout]
     try:
+        if layout == "transformers":
+            return ModelArgs.from_transformers(_read_json(file), _feature_extractor(path))
         return ModelArgs.from_dict(_read_json(file))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{file}: {e}") from e
+
+
+def _feature_extractor(path: Path) -> Optional[dict]:
+    """transformers' feature extractor settings beside a ``config.json``: the
+    ``feature_extractor`` block of ``processor_config.json`` (transformers 5), or
+    ``preprocessor_config.json`` (older); None where neither is there."""
+    for name in _PROCESSOR_CONFIGS:
+        if (path / name).exists():
+            config = _read_json(path / name)
+            return config.get("feature_extractor", config)
+    return None
 
 
 def load_weights(path: Path, layout: Optional[str] = None) -> dict[str, mx.array]:
@@ -270,8 +300,10 @@ def load(
     Args:
         path_or_repo: a folder with ``params.json``, ``*.safetensors`` and ``tekken.json``
             (Mistral's native checkpoint, or one written by ``mlx_voxtral.convert``, quantized
-            or not), a voxmlx folder (``config.json``, ``model*.safetensors``, ``tekken.json``;
-            its quantization as stored), or a Hugging Face repo id (downloaded and cached).
+            or not), another layout ``detect_layout`` tells (a voxmlx folder, transformers'
+            ``save_pretrained`` folder: ``config.json``, ``model*.safetensors``, with
+            ``tekken.json`` beside them; a stored quantization as stored), or a Hugging Face
+            repo id (downloaded and cached).
         dtype: dtype of the floating weights (and of quantization scales): an ``mx.Dtype`` or
             ``"float32"``, ``"float16"``, ``"bfloat16"``. ``None`` keeps the checkpoint's (on the
             CPU backend: for the matmul weights; every other parameter becomes float32 there).
@@ -305,12 +337,16 @@ def load(
     layout = detect_layout(path)
     args = load_args(path, layout)
     if not (path / "tekken.json").exists():
+        how = ""
+        if layout == "transformers":
+            how = ("; transformers' model save_pretrained writes none: VoxtralRealtimeProcessor's save_pretrained "
+                   "into the same folder writes it")
         raise CheckpointError(f"{path} has no tekken.json: the tokenizer ({layout} layout; Mistral's tekken.json "
-                              f"from {DEFAULT_MODEL} belongs beside the weights)")
+                              f"from {DEFAULT_MODEL} belongs beside the weights{how})")
     model = Model(args)
     in_situ = None
     files = load_weights(path, layout)
-    weights = Model.sanitize(files, layout)
+    weights = Model.sanitize(files, layout, args)
     spell = _spelling(layout)
     if layout in LAYOUTS:  # names sanitize passes through, but that project does not write
         strays = sorted(n for n in files if spell(next(iter(Model.sanitize({n: None}, layout)))) != n)

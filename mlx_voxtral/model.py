@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +38,40 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         (".ada_up.", ".ada_norm.linear_out."),
     ),
 }
+
+# transformers' VoxtralRealtimeForConditionalGeneration (save_pretrained), pairs as in LAYOUTS.
+# Its files name the three parts as transformers 5 saves them (audio_tower., language_model.model.,
+# multi_modal_projector.) or as its modules do (model.audio_tower., ...): both are listed. What a
+# table cannot say, ``sanitize`` does: torch conv kernels are [out, in, k], and the q/k rows of each
+# head are in half-split RoPE order (transformers' conversion permutes them; see ``_interleave``).
+TRANSFORMERS: tuple[tuple[str, str], ...] = (
+    ("decoder.output.", "language_model.lm_head."),
+    ("decoder.output.", "lm_head."),
+    ("encoder.", "model.audio_tower."),
+    ("encoder.", "audio_tower."),
+    ("decoder.", "model.language_model."),
+    ("decoder.", "language_model.model."),
+    ("adapter.", "model.multi_modal_projector."),
+    ("adapter.", "multi_modal_projector."),
+    ("adapter.w_in.", "adapter.linear_1."),
+    ("adapter.w_out.", "adapter.linear_2."),
+    ("encoder.conv_layers.0.", "encoder.embedder.conv1."),
+    ("encoder.conv_layers.1.", "encoder.embedder.conv2."),
+    ("decoder.tok_embeddings.", "decoder.embed_tokens."),
+    (".attention.wq.", ".self_attn.q_proj."),
+    (".attention.wk.", ".self_attn.k_proj."),
+    (".attention.wv.", ".self_attn.v_proj."),
+    (".attention.wo.", ".self_attn.o_proj."),
+    (".attention_norm.", ".self_attn_layer_norm."),  # encoder
+    (".ffn_norm.", ".final_layer_norm."),
+    (".attention_norm.", ".input_layernorm."),  # decoder
+    (".ffn_norm.", ".post_attention_layernorm."),
+    (".feed_forward.w1.", ".mlp.gate_proj."),
+    (".feed_forward.w2.", ".mlp.down_proj."),
+    (".feed_forward.w3.", ".mlp.up_proj."),
+    (".ada_down.", ".ada_rms_norm.linear1."),
+    (".ada_up.", ".ada_rms_norm.linear2."),
+)
 
 
 class Model(nn.Module):
@@ -123,10 +157,18 @@ class Model(nn.Module):
         return logits
 
     @staticmethod
-    def sanitize(weights: dict[str, mx.array], layout: str = "native") -> dict[str, mx.array]:
+    def sanitize(
+        weights: dict[str, mx.array], layout: str = "native", args: Optional[ModelArgs] = None
+    ) -> dict[str, mx.array]:
         """Map a checkpoint's tensor names and layouts onto this module tree: Mistral's native
-        names (and this package's own, which pass through), or one of ``LAYOUTS``'. Names it
-        does not know pass through unchanged, for the loader to report."""
+        names (and this package's own, which pass through), one of ``LAYOUTS``', or
+        transformers' (``TRANSFORMERS``; ``args`` gives the head counts its q/k rows are
+        permuted by, and a tied LM head it stores is dropped). Names it does not know pass
+        through (renamed where a pair matched), for the loader to report."""
+        if layout == "transformers":
+            if args is None:
+                raise ValueError("sanitize needs the model's args for the transformers layout")
+            return _from_transformers(weights, args)
         if layout in LAYOUTS:
             return {_rename(name, LAYOUTS[layout]): w for name, w in weights.items()}
         out = {}
@@ -163,3 +205,35 @@ def _rename(name: str, pairs: tuple[tuple[str, str], ...], reverse: bool = False
     for ours, theirs in reversed(pairs) if reverse else pairs:
         name = name.replace(ours, theirs) if reverse else name.replace(theirs, ours)
     return name
+
+
+def _from_transformers(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """transformers' tensors under this module tree's names and layouts (``Model.sanitize``)."""
+    heads = {  # (part, projection): heads its rows are permuted by
+        ("encoder", "wq"): args.encoder.n_heads,
+        ("encoder", "wk"): args.encoder.n_kv_heads,
+        ("decoder", "wq"): args.n_heads,
+        ("decoder", "wk"): args.n_kv_heads,
+    }
+    out = {}
+    for name, w in weights.items():
+        name = _rename(name, TRANSFORMERS)
+        parts = name.split(".")
+        if name.startswith("encoder.conv_layers.") and parts[-1] == "weight" and w.ndim == 3:
+            w = w.swapaxes(1, 2)  # torch [out, in, k] -> [out, k, in]
+        elif len(parts) == 6 and parts[1] == "layers" and parts[3] == "attention" and (parts[0], parts[4]) in heads:
+            w = _interleave(w, heads[parts[0], parts[4]])
+        elif name == "decoder.output.weight" and args.tied_embeddings:
+            continue  # the tied head is the embedding
+        out[name] = w
+    return out
+
+
+def _interleave(w: mx.array, n_heads: int) -> mx.array:
+    """q/k rows (weights or biases) from transformers' half-split RoPE order back to Mistral's
+    interleaved one, per head: row ``h, j, i`` (head, half, pair) is row ``h, i, j``. A row
+    count the heads do not split in pairs passes through, for the loader's shape check."""
+    rows, tail = w.shape[0], w.shape[1:]
+    if rows % (2 * n_heads):
+        return w
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *tail).swapaxes(1, 2).reshape(rows, *tail)
