@@ -21,6 +21,9 @@ The output folder holds:
 
 ``mlx_voxtral.load(out)`` opens it directly: the model is quantized as recorded *before*
 its weights are read, so nothing is quantized twice.
+
+``--layout mlx-audio`` writes the folder mlx-audio 0.6.2 loads instead
+(``mlx_audio.stt.utils.load_model(out)``; ``write_mlx_audio``), which ``load`` opens too.
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .exceptions import CheckpointError, InvalidRequestError, VoxtralError
 from .loader import DEFAULT_MODEL, load, load_args, load_weights, resolve_path
+from .model import LAYOUTS, Model, _rename
 from .quantize import MODES, PARTS, QuantizeArg, check_stored_config, describe, quantization_config
 
 MAX_SHARD_BYTES = 5 << 30
+LAYOUTS_WRITTEN = ("mlx-voxtral", "mlx-audio")
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -130,6 +136,58 @@ print(mlx_voxtral.transcribe(model, "speech.wav").text)
 """
 
 
+# Sizes mlx-audio 0.6.2 fixes in its code instead of reading its config: the adapter's output
+# (voxtral_realtime/encoder.py, decoder_dim = 3072) and the conv stem's input (128 mel bins).
+MLX_AUDIO_FIXED = {"decoder dim": 3072, "num_mel_bins": 128}
+_MLX_AUDIO_DECODER = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size",
+                      "norm_eps", "rope_theta", "sliding_window", "model_max_length", "tied_embeddings",
+                      "ada_rms_norm_t_cond", "ada_rms_norm_t_cond_dim")
+
+
+def check_mlx_audio(args) -> None:
+    """Raise ``InvalidRequestError`` if mlx-audio could not build a model of ``args``' sizes."""
+    sizes = {"decoder dim": args.dim, "num_mel_bins": args.encoder.audio_encoding_args.num_mel_bins}
+    wrong = [f"{k} {sizes[k]} (mlx-audio's is always {v})" for k, v in MLX_AUDIO_FIXED.items() if sizes[k] != v]
+    if wrong:
+        raise InvalidRequestError(f"mlx-audio 0.6.2 cannot load this model: {', '.join(wrong)}")
+
+
+def mlx_audio_config(model, delay_ms: int) -> dict:
+    """mlx-audio's ``config.json`` for a loaded model: ``decoder`` and ``encoder_args``
+    sections, the default delay, and mlx-lm's ``quantization`` block (also as
+    ``quantization_config``, as mlx-audio writes it): the headline bits, group size and mode,
+    and an entry under mlx-audio's module path for each quantized layer stored otherwise
+    (mlx-audio quantizes a layer with the headline setting where its ``scales`` are stored)."""
+    import dataclasses
+
+    args = model.args
+    config = {
+        "model_type": "voxtral_realtime",
+        "decoder": {k: getattr(args, k) for k in _MLX_AUDIO_DECODER},
+        "encoder_args": {**dataclasses.asdict(args.encoder), "downsample_factor": args.downsample_factor},
+        "transcription_delay_ms": delay_ms,
+    }
+    if args.quantization is not None:
+        q = args.quantization
+        block = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
+        for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            layer = {"group_size": getattr(m, "group_size", None), "bits": getattr(m, "bits", None),
+                     "mode": getattr(m, "mode", None)}
+            if layer["bits"] is not None and layer != {k: block[k] for k in layer}:
+                block[_rename(path + ".", LAYOUTS["mlx-audio"], reverse=True)[:-1]] = layer
+        config["quantization"] = config["quantization_config"] = block
+    return config
+
+
+def write_mlx_audio(out: Path, model, show_progress: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write ``model`` into ``out`` as mlx-audio 0.6.2 loads it: ``config.json``
+    (``mlx_audio_config``) and its weights under mlx-audio's names (``LAYOUTS["mlx-audio"]``)."""
+    weights = Model.to_layout(dict(tree_flatten(model.parameters())), "mlx-audio")
+    save_weights(out, weights, max_shard_bytes, show_progress)
+    config = mlx_audio_config(model, model.tokenizer.default_delay_ms)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def upload(folder: Union[str, os.PathLike], repo: str) -> None:
     """Create ``repo`` on the Hugging Face Hub if needed and upload ``folder`` to it."""
     from huggingface_hub import HfApi
@@ -152,6 +210,7 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     show_progress: bool = True,
     mode: str = "affine",
+    layout: str = "mlx-voxtral",
 ) -> Path:
     """Write ``src`` as an MLX-format folder ``dst``, quantized if ``bits`` is given.
 
@@ -170,6 +229,9 @@ def convert(
         show_progress: show progress bars (stderr).
         mode: ``"affine"``, ``"mxfp4"``, ``"mxfp8"`` or ``"nvfp4"``; recorded in
             ``params.json``, so ``load(dst)`` quantizes the same way.
+        layout: the folder's layout: ``"mlx-voxtral"`` (this package's) or ``"mlx-audio"``
+            (what mlx-audio 0.6.2 loads: ``write_mlx_audio``; it needs the released model's
+            decoder width and mel bins, ``MLX_AUDIO_FIXED``).
 
     Returns:
         The output folder.
@@ -180,6 +242,8 @@ def convert(
         CheckpointError: ``src`` is not a usable checkpoint, or is already quantized.
     """
     config = quantization_config(bits, group_size, mode)
+    if layout not in LAYOUTS_WRITTEN:
+        raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS_WRITTEN)}, got {layout!r}")
     if dtype is not None and dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(dst).expanduser()
@@ -193,6 +257,8 @@ def convert(
             f"{src} is already quantized ({describe(stored)}); quantize the original "
             "checkpoint instead"
         )
+    if layout == "mlx-audio":
+        check_mlx_audio(args)
     target = DTYPES[dtype] if dtype is not None else _stored_dtype(path)
     desc = "quantizing" if config else "converting"
     with tqdm(desc=desc, unit="group", disable=not show_progress) as bar:
@@ -205,12 +271,15 @@ def convert(
                      mode=mode, backend="mlx")  # nothing runs: the CPU backend's kernels are not needed
 
     out.mkdir(parents=True)
-    save_weights(out, dict(tree_flatten(model.parameters())), max_shard_bytes, show_progress)
-    params = json.loads((path / "params.json").read_text())
-    params.pop("quantization", None)
-    if model.args.quantization is not None:
-        params["quantization"] = model.args.quantization
-    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    if layout == "mlx-audio":
+        write_mlx_audio(out, model, show_progress, max_shard_bytes)
+    else:
+        save_weights(out, dict(tree_flatten(model.parameters())), max_shard_bytes, show_progress)
+        params = json.loads((path / "params.json").read_text())
+        params.pop("quantization", None)
+        if model.args.quantization is not None:
+            params["quantization"] = model.args.quantization
+        (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     shutil.copy(path / "tekken.json", out / "tekken.json")
     # a local folder is taken to be a copy of the released checkpoint
     base_model = DEFAULT_MODEL if Path(src).expanduser().exists() else str(src)
@@ -254,6 +323,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
         )
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype of unquantized weights and scales (default: the source's)")
+    parser.add_argument("--layout", choices=LAYOUTS_WRITTEN, default="mlx-voxtral",
+                        help="the folder's layout: this package's (default) or mlx-audio's")
     parser.add_argument("--upload-repo", default=None,
                         help="also upload the result to this Hugging Face repo")
     args = parser.parse_args(argv)
@@ -264,7 +335,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
             base = quantization_config(args.bits, args.group_size, args.mode)  # validates --bits
             bits = {**(base["parts"] if base else {}), **overrides}
         out = convert(args.model, args.out, bits, args.group_size, args.dtype, args.upload_repo,
-                      mode=args.mode)
+                      mode=args.mode, layout=args.layout)
     except VoxtralError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -36,8 +36,10 @@ LAYOUT_WEIGHTS = {
     "native": "consolidated*.safetensors",
     "mlx-voxtral": "model*.safetensors",
     "voxmlx": "model*.safetensors",
+    "mlx-audio": "model*.safetensors",  # its converter also copies consolidated.safetensors: not read
 }
 _OWN_PREFIXES = ("encoder.", "decoder.", "adapter.")  # this package's tensor names
+_MLX_AUDIO_PREFIXES = ("encoder.transformer_layers.", "encoder.conv_layers_0_conv.")  # mlx-audio's
 
 
 def _read_json(file: Path) -> dict:
@@ -47,16 +49,35 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
 
 
+def _is_mlx_audio(path: Path) -> bool:
+    """mlx-audio's folder: its ``config.json`` (``model_type: voxtral_realtime``) with its own
+    sections (``encoder_args``, ``decoder``), or, as its converter writes from a
+    transformers-style source, with any sections and weights under its names."""
+    if not (path / "config.json").exists():
+        return False
+    config = _read_json(path / "config.json")
+    if config.get("model_type") != "voxtral_realtime":
+        return False
+    if "encoder_args" in config or "decoder" in config:
+        return True
+    index = path / "model.safetensors.index.json"
+    return index.exists() and any(k.startswith(_MLX_AUDIO_PREFIXES) for k in _read_json(index).get("weight_map", {}))
+
+
 def detect_layout(path: Path) -> str:
     """Which layout a checkpoint folder is in, told by its files (weights need not be there):
 
     * ``native``: Mistral's ``params.json`` and ``consolidated.safetensors``;
     * ``mlx-voxtral``: ``params.json`` and shards under this package's names (``convert``);
-    * ``voxmlx``: voxmlx's ``config.json`` (the native params) and its shards.
+    * ``voxmlx``: voxmlx's ``config.json`` (the native params) and its shards;
+    * ``mlx-audio``: mlx-audio's ``config.json`` and ``model.safetensors`` (told first: its
+      converter copies the source's ``params.json`` and ``consolidated.safetensors`` too).
 
     Raises:
         CheckpointError: none of these (the message says what was found).
     """
+    if _is_mlx_audio(path):
+        return "mlx-audio"
     if (path / "params.json").exists():
         index = path / "model.safetensors.index.json"
         if index.exists() and all(k.startswith(_OWN_PREFIXES) for k in _read_json(index).get("weight_map", {})):
@@ -70,7 +91,7 @@ def detect_layout(path: Path) -> str:
             return "voxmlx"
         kind = config.get("model_type") or ", ".join(config.get("architectures", [])) or "no model_type"
         raise CheckpointError(f"{path}/config.json ({kind}) is not a Voxtral Realtime layout this package reads "
-                              "(Mistral's native one, voxmlx's, or this package's)")
+                              "(Mistral's native one, voxmlx's, mlx-audio's, or this package's)")
     raise CheckpointError(
         f"{path} has no params.json or config.json: not a Voxtral Realtime checkpoint "
         "(expected params.json, consolidated.safetensors, tekken.json)"
@@ -107,9 +128,10 @@ def resolve_path(path_or_repo: Union[str, os.PathLike]) -> Path:
 def load_args(path: Path, layout: Optional[str] = None) -> ModelArgs:
     """The model arguments of a checkpoint folder in ``layout`` (None: ``detect_layout``)."""
     layout = layout or detect_layout(path)
-    file = path / ("config.json" if layout == "voxmlx" else "params.json")
+    file = path / ("config.json" if layout in ("voxmlx", "mlx-audio") else "params.json")
+    parse = ModelArgs.from_mlx_audio if layout == "mlx-audio" else ModelArgs.from_dict
     try:
-        return ModelArgs.from_dict(_read_json(file))
+        return parse(_read_json(file))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{file}: {e}") from e
 
