@@ -1,9 +1,10 @@
-"""Model arguments parsed from Mistral's native ``params.json`` (or transformers' ``config.json``)."""
+"""Model arguments parsed from Mistral's native ``params.json`` (or the ``config.json`` of
+transformers or mlx-audio)."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 
@@ -96,6 +97,13 @@ class ModelArgs(_FromDict):
         args.encoder = EncoderArgs.from_dict(whisper["encoder_args"])
         args.downsample_factor = whisper.get("downsample_args", {}).get("downsample_factor", 4)
         return args
+
+    def to_params(self) -> dict[str, Any]:
+        """These arguments as Mistral's ``params.json`` (``from_dict`` reads them back equal),
+        without a quantization block."""
+        top = {k: v for k, v in asdict(self).items() if k not in ("encoder", "downsample_factor", "quantization")}
+        whisper = {"encoder_args": asdict(self.encoder), "downsample_args": {"downsample_factor": self.downsample_factor}}
+        return {**top, "multimodal": {"whisper_model_args": whisper}}
 
     @classmethod
     def from_transformers(
@@ -198,6 +206,49 @@ class ModelArgs(_FromDict):
             downsample_factor=downsample,
             encoder=encoder,
         )
+
+
+    @classmethod
+    def from_mlx_audio(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Parse mlx-audio's ``config.json`` (``model_type: voxtral_realtime``): the decoder's
+        parameters under ``decoder``, the encoder's under ``encoder_args`` (its
+        ``audio_encoding_args`` nested there or at the top level, ``downsample_factor`` in it)
+        and mlx-lm's ``quantization`` block (``quantization_config`` in older files). A
+        section it lacks takes mlx-audio's defaults, the released model's, as mlx-audio does.
+
+        The quantization block is kept as stored (the loader reads each layer off its
+        shapes), with one ``mode`` for all its layers: the global one unless per-layer
+        entries name another.
+
+        Raises:
+            ValueError: not voxtral_realtime, an offline (non-realtime) decoder, or layers
+                quantized in more than one mode.
+            TypeError: a section that is not a JSON object.
+        """
+        if config.get("model_type") != "voxtral_realtime":
+            raise ValueError(f"model_type is {config.get('model_type')!r}, not 'voxtral_realtime'")
+        decoder, encoder = config.get("decoder") or {}, dict(config.get("encoder_args") or {})
+        if not isinstance(decoder, dict) or not isinstance(encoder, dict):
+            raise TypeError("decoder and encoder_args must be JSON objects")
+        if not decoder.get("ada_rms_norm_t_cond", True):
+            raise ValueError("decoder.ada_rms_norm_t_cond is false: an offline Voxtral decoder, not Voxtral Realtime")
+        args = super().from_dict({k: v for k, v in decoder.items() if k not in ("encoder", "quantization")})
+        if "audio_encoding_args" not in encoder and "audio_encoding_args" in config:
+            encoder["audio_encoding_args"] = config["audio_encoding_args"]
+        args.encoder = EncoderArgs.from_dict(encoder)
+        args.downsample_factor = encoder.get("downsample_factor", 4)
+        block = config.get("quantization", config.get("quantization_config"))
+        if block is not None:
+            if not isinstance(block, dict):
+                raise TypeError(f"quantization must be a JSON object, got {block!r}")
+            mode = block.get("mode", "affine")
+            modes = {mode} | {v.get("mode", mode) for v in block.values() if isinstance(v, dict)}
+            if len(modes) > 1:
+                raise ValueError(f"quantization mixes the modes {', '.join(sorted(modes))}; this package "
+                                 "loads one mode per checkpoint")
+            block = {**block, "mode": mode}
+        args.quantization = block
+        return args
 
 
 def _rope(section: dict[str, Any], key: str = "rope_theta", default: Any = 1e6) -> Any:

@@ -31,6 +31,9 @@ quantized model from that one pair, quantizing every Linear/Embedding whose inpu
 group size divides (``quantize.every_layer``), so such a folder is quantized that way: one
 affine width for all of them, the adapter and the ada-norm MLPs included, not this package's
 per-part policy. The float model is loaded whole before it is quantized group by group.
+
+``--layout mlx-audio`` writes the folder mlx-audio 0.6.2 loads instead
+(``mlx_audio.stt.utils.load_model(out)``; ``write_mlx_audio``), which ``load`` opens too.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from tqdm import tqdm
 
 from .exceptions import CheckpointError, InvalidRequestError, VoxtralError
 from .loader import CONFIG_FILES, DEFAULT_MODEL, detect_layout, load, load_args, load_weights, resolve_path
-from .model import Model
+from .model import LAYOUTS, Model, _rename
 from .quantize import (
     MODE,
     MODES,
@@ -68,7 +71,7 @@ from .quantize import (
 
 MAX_SHARD_BYTES = 5 << 30
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-LAYOUTS = ("mlx-voxtral", "voxmlx")  # the layouts convert writes: this package's (default), voxmlx's
+LAYOUTS_WRITTEN = ("mlx-voxtral", "voxmlx", "mlx-audio")  # this package's (the default), voxmlx's, mlx-audio's
 
 
 def _stored_dtype(path: Path) -> mx.Dtype:
@@ -167,6 +170,58 @@ print(mlx_voxtral.transcribe(model, "speech.wav").text)
 {voxmlx}"""
 
 
+# Sizes mlx-audio 0.6.2 fixes in its code instead of reading its config: the adapter's output
+# (voxtral_realtime/encoder.py, decoder_dim = 3072) and the conv stem's input (128 mel bins).
+MLX_AUDIO_FIXED = {"decoder dim": 3072, "num_mel_bins": 128}
+_MLX_AUDIO_DECODER = ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size",
+                      "norm_eps", "rope_theta", "sliding_window", "model_max_length", "tied_embeddings",
+                      "ada_rms_norm_t_cond", "ada_rms_norm_t_cond_dim")
+
+
+def check_mlx_audio(args) -> None:
+    """Raise ``InvalidRequestError`` if mlx-audio could not build a model of ``args``' sizes."""
+    sizes = {"decoder dim": args.dim, "num_mel_bins": args.encoder.audio_encoding_args.num_mel_bins}
+    wrong = [f"{k} {sizes[k]} (mlx-audio's is always {v})" for k, v in MLX_AUDIO_FIXED.items() if sizes[k] != v]
+    if wrong:
+        raise InvalidRequestError(f"mlx-audio 0.6.2 cannot load this model: {', '.join(wrong)}")
+
+
+def mlx_audio_config(model, delay_ms: int) -> dict:
+    """mlx-audio's ``config.json`` for a loaded model: ``decoder`` and ``encoder_args``
+    sections, the default delay, and mlx-lm's ``quantization`` block (also as
+    ``quantization_config``, as mlx-audio writes it): the headline bits, group size and mode,
+    and an entry under mlx-audio's module path for each quantized layer stored otherwise
+    (mlx-audio quantizes a layer with the headline setting where its ``scales`` are stored)."""
+    import dataclasses
+
+    args = model.args
+    config = {
+        "model_type": "voxtral_realtime",
+        "decoder": {k: getattr(args, k) for k in _MLX_AUDIO_DECODER},
+        "encoder_args": {**dataclasses.asdict(args.encoder), "downsample_factor": args.downsample_factor},
+        "transcription_delay_ms": delay_ms,
+    }
+    if args.quantization is not None:
+        q = args.quantization
+        block = {"group_size": q["group_size"], "bits": q["bits"], "mode": q.get("mode", "affine")}
+        for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            layer = {"group_size": getattr(m, "group_size", None), "bits": getattr(m, "bits", None),
+                     "mode": getattr(m, "mode", None)}
+            if layer["bits"] is not None and layer != {k: block[k] for k in layer}:
+                block[_rename(path + ".", LAYOUTS["mlx-audio"], reverse=True)[:-1]] = layer
+        config["quantization"] = config["quantization_config"] = block
+    return config
+
+
+def write_mlx_audio(out: Path, model, show_progress: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write ``model`` into ``out`` as mlx-audio 0.6.2 loads it: ``config.json``
+    (``mlx_audio_config``) and its weights under mlx-audio's names (``LAYOUTS["mlx-audio"]``)."""
+    weights = Model.to_layout(dict(tree_flatten(model.parameters())), "mlx-audio")
+    save_weights(out, weights, max_shard_bytes, show_progress)
+    config = mlx_audio_config(model, model.tokenizer.default_delay_ms)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def upload(folder: Union[str, os.PathLike], repo: str) -> None:
     """Create ``repo`` on the Hugging Face Hub if needed and upload ``folder`` to it."""
     from huggingface_hub import HfApi
@@ -210,8 +265,10 @@ def convert(
         mode: ``"affine"``, ``"mxfp4"``, ``"mxfp8"`` or ``"nvfp4"``; recorded in
             ``params.json``, so ``load(dst)`` quantizes the same way (``layout="voxmlx"``:
             affine only).
-        layout: ``"mlx-voxtral"`` (this package's) or ``"voxmlx"`` (``LAYOUTS``; see the
-            module docstring).
+        layout: the folder's layout (``LAYOUTS_WRITTEN``): ``"mlx-voxtral"`` (this
+            package's), ``"voxmlx"`` (see the module docstring) or ``"mlx-audio"`` (what
+            mlx-audio 0.6.2 loads: ``write_mlx_audio``; it needs the released model's decoder
+            width and mel bins, ``MLX_AUDIO_FIXED``).
 
     Returns:
         The output folder.
@@ -223,8 +280,8 @@ def convert(
         CheckpointError: ``src`` is not a usable checkpoint, is already quantized (and
             ``bits`` is given), or is quantized in a way the chosen layout cannot record.
     """
-    if layout not in LAYOUTS:
-        raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout not in LAYOUTS_WRITTEN:
+        raise InvalidRequestError(f"layout must be one of {', '.join(LAYOUTS_WRITTEN)}, got {layout!r}")
     if layout == "voxmlx" and bits is not None:
         if isinstance(bits, dict):
             raise InvalidRequestError(
@@ -246,6 +303,8 @@ def convert(
         stored = (f"{q.get('bits')}-bit, group size {q.get('group_size')}" if detect_layout(path) == "voxmlx"
                   else describe(check_stored_config(q)))
         raise CheckpointError(f"{src} is already quantized ({stored}); quantize the original checkpoint instead")
+    if layout == "mlx-audio":
+        check_mlx_audio(args)
     target = DTYPES[dtype] if dtype is not None else _stored_dtype(path)
     desc = "quantizing" if config else "converting"
     with tqdm(desc=desc, unit="group", disable=not show_progress) as bar:
@@ -276,9 +335,13 @@ def convert(
                     + (", or write --layout voxmlx" if _voxmlx_quantization(model, None, strict=False) else ""))
     out.mkdir(parents=True)
     weights = dict(tree_flatten(model.parameters()))
-    params = json.loads((path / CONFIG_FILES[model.layout]).read_text())
+    # the source's own params.json where it has one (every key kept), else its arguments as one
+    native = CONFIG_FILES[model.layout] == "params.json" or model.layout == "voxmlx"
+    params = json.loads((path / CONFIG_FILES[model.layout]).read_text()) if native else model.args.to_params()
     params.pop("quantization", None)
-    if layout == "voxmlx":
+    if layout == "mlx-audio":
+        write_mlx_audio(out, model, show_progress, max_shard_bytes)
+    elif layout == "voxmlx":
         save_weights(out, Model.to_layout(weights, "voxmlx"), max_shard_bytes, show_progress)
         if saved is not None:
             params["quantization"] = saved
@@ -366,9 +429,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m mlx_voxtral.co
             f"--{part}-bits", type=_part_bits, default=argparse.SUPPRESS, metavar="{BITS,none}",
             help=f"override the bits of the {part} (none: full precision)",
         )
-    parser.add_argument("--layout", choices=LAYOUTS, default="mlx-voxtral",
-                        help="folder layout: this package's (default) or voxmlx's (one --bits for every "
-                             "layer, as voxmlx reads it)")
+    parser.add_argument("--layout", choices=LAYOUTS_WRITTEN, default="mlx-voxtral",
+                        help="folder layout: this package's (default), voxmlx's (one --bits for every "
+                             "layer, as voxmlx reads it) or mlx-audio's")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="dtype of unquantized weights and scales (default: the source's)")
     parser.add_argument("--upload-repo", default=None,

@@ -38,14 +38,16 @@ LAYOUT_WEIGHTS = {
     "mlx-voxtral": "model*.safetensors",
     "voxmlx": "model*.safetensors",
     "transformers": "model*.safetensors",
+    "mlx-audio": "model*.safetensors",  # its converter also copies consolidated.safetensors: not read
 }
 # The file holding each layout's model parameters (Mistral's params.json schema but transformers')
 CONFIG_FILES = {"native": "params.json", "mlx-voxtral": "params.json", "voxmlx": "config.json",
-                "transformers": "config.json"}
+                "transformers": "config.json", "mlx-audio": "config.json"}
 # transformers' processor settings (the log-mel front end) beside its config.json: read where present
 _PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
 _TRANSFORMERS_CLASS = "VoxtralRealtimeForConditionalGeneration"
 _OWN_PREFIXES = ("encoder.", "decoder.", "adapter.")  # this package's tensor names
+_MLX_AUDIO_PREFIXES = ("encoder.transformer_layers.", "encoder.conv_layers_0_conv.")  # mlx-audio's
 
 
 def _read_json(file: Path) -> dict:
@@ -53,6 +55,21 @@ def _read_json(file: Path) -> dict:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def _is_mlx_audio(path: Path) -> bool:
+    """mlx-audio's folder: its ``config.json`` (``model_type: voxtral_realtime``) with its own
+    sections (``encoder_args``, ``decoder``), or, as its converter writes from a
+    transformers-style source, with any sections and weights under its names."""
+    if not (path / "config.json").exists():
+        return False
+    config = _read_json(path / "config.json")
+    if config.get("model_type") != "voxtral_realtime":
+        return False
+    if "encoder_args" in config or "decoder" in config:
+        return True
+    index = path / "model.safetensors.index.json"
+    return index.exists() and any(k.startswith(_MLX_AUDIO_PREFIXES) for k in _read_json(index).get("weight_map", {}))
 
 
 def detect_layout(path: Path) -> str:
@@ -65,13 +82,18 @@ def detect_layout(path: Path) -> str:
       ``VoxtralRealtimeForConditionalGeneration.save_pretrained`` writes (``model_type``
       ``voxtral_realtime`` with ``audio_config`` and ``text_config``, or that architecture).
 
-    A folder with ``params.json`` is read as Mistral's (or this package's) layout even where it
+    * ``mlx-audio``: mlx-audio's ``config.json`` and ``model.safetensors`` (told first: its
+      converter copies the source's ``params.json`` and ``consolidated.safetensors`` too).
+
+    Otherwise a folder with ``params.json`` is read as Mistral's (or this package's) layout even where it
     also holds another layout's files, as Mistral's Hub repo does: only that layout's weights
     are read.
 
     Raises:
         CheckpointError: none of these (the message says what was found).
     """
+    if _is_mlx_audio(path):
+        return "mlx-audio"
     if (path / "params.json").exists():
         index = path / "model.safetensors.index.json"
         if index.exists() and all(k.startswith(_OWN_PREFIXES) for k in _read_json(index).get("weight_map", {})):
@@ -90,7 +112,7 @@ def detect_layout(path: Path) -> str:
             return "transformers"
         kind = config.get("model_type") or ", ".join(config.get("architectures", [])) or "no model_type"
         raise CheckpointError(f"{path}/config.json ({kind}) is not a Voxtral Realtime layout this package reads "
-                              "(Mistral's native one, voxmlx's, transformers', or this package's)")
+                              "(Mistral's native one, voxmlx's, mlx-audio's, transformers', or this package's)")
     raise CheckpointError(
         f"{path} has no params.json or config.json: not a Voxtral Realtime checkpoint "
         "(expected params.json, consolidated.safetensors, tekken.json)"
@@ -131,6 +153,8 @@ def load_args(path: Path, layout: Optional[str] = None) -> ModelArgs:
     try:
         if layout == "transformers":
             return ModelArgs.from_transformers(_read_json(file), _feature_extractor(path))
+        if layout == "mlx-audio":
+            return ModelArgs.from_mlx_audio(_read_json(file))
         return ModelArgs.from_dict(_read_json(file))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{file}: {e}") from e

@@ -37,6 +37,20 @@ LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
         (".ada_down.", ".ada_norm.linear_in."),
         (".ada_up.", ".ada_norm.linear_out."),
     ),
+    # mlx-audio 0.6.2 (mlx_audio/stt/models/voxtral_realtime): the adapter lives in its encoder
+    "mlx-audio": (
+        ("encoder.conv_layers.0.", "encoder.conv_layers_0_conv.conv."),
+        ("encoder.conv_layers.1.", "encoder.conv_layers_1_conv.conv."),
+        ("encoder.layers.", "encoder.transformer_layers."),
+        ("encoder.norm.", "encoder.transformer_norm."),
+        ("adapter.w_in.", "encoder.audio_language_projection_0."),
+        ("adapter.w_out.", "encoder.audio_language_projection_2."),
+        (".feed_forward.w1.", ".feed_forward_w1."),
+        (".feed_forward.w2.", ".feed_forward_w2."),
+        (".feed_forward.w3.", ".feed_forward_w3."),
+        (".ada_down.", ".ada_rms_norm_t_cond.ada_down."),
+        (".ada_up.", ".ada_rms_norm_t_cond.ada_up."),
+    ),
 }
 
 # transformers' VoxtralRealtimeForConditionalGeneration (save_pretrained), pairs as in LAYOUTS.

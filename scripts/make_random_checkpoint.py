@@ -118,6 +118,7 @@ def make_params(
     decoder_window: int | None = None,
     vocab_size: int | None = None,
     max_length: int | None = None,
+    decoder_dim: int | None = None,
 ) -> dict:
     params = copy.deepcopy(FULL_PARAMS)
     if preset in ("tiny", "deep"):
@@ -136,6 +137,8 @@ def make_params(
         params["multimodal"]["whisper_model_args"]["encoder_args"]["vocab_size"] = vocab_size
     if max_length is not None:
         params["model_max_length"] = max_length
+    if decoder_dim is not None:
+        params["dim"] = decoder_dim
     return params
 
 
@@ -254,10 +257,11 @@ def write_checkpoint(
     vocab_size: int | None = None,
     max_length: int | None = None,
     logit_scale: float = 1.0,
+    decoder_dim: int | None = None,
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    params = make_params(preset, decoder_window, vocab_size, max_length)
+    params = make_params(preset, decoder_window, vocab_size, max_length, decoder_dim)
     dt = getattr(mx, dtype)
     tensors = {}
     for i, (name, shape) in enumerate(tensor_shapes(params).items()):
@@ -284,11 +288,13 @@ def main() -> None:
                         help="override the vocabulary size (a small one makes decoding fast)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="override model_max_length (tests of the position limit)")
+    parser.add_argument("--decoder-dim", type=int, default=None,
+                        help="override the decoder width (mlx-audio 0.6.2 needs the real 3072)")
     parser.add_argument("--logit-scale", type=float, default=1.0,
                         help="scale the logits (a large one makes low-temperature sampling greedy)")
     args = parser.parse_args()
     path = write_checkpoint(args.out, args.preset, args.seed, args.dtype, args.decoder_window,
-                            args.vocab_size, args.max_length, args.logit_scale)
+                            args.vocab_size, args.max_length, args.logit_scale, args.decoder_dim)
     print(f"wrote {args.preset} random checkpoint to {path}")
 
 
