@@ -313,7 +313,7 @@ def convert(
             bar.total = total
             bar.update(done - bar.n)
 
-        in_situ = layout == "mlx-voxtral"  # voxmlx's selection is not a per-part policy
+        in_situ = layout != "voxmlx"  # voxmlx's selection is not a per-part policy
         # backend "mlx": nothing runs, so the CPU backend's kernels are not needed
         model = load(path, dtype=target, quantize=bits if in_situ else None, group_size=group_size,
                      progress=progress, mode=mode, backend="mlx")

@@ -144,13 +144,14 @@ def _rewrite(src: Path, dst: Path, change) -> Path:
 
 
 def test_loud_errors_name_the_tensor(theirs, tmp_path):
+    """Bad tensors are named as mlx-audio's files spell them."""
     missing = _rewrite(theirs[4], tmp_path / "missing",
                        lambda w: w.pop("encoder.transformer_layers.1.feed_forward_w2.bias"))
-    with pytest.raises(CheckpointError, match=r"not in the checkpoint: encoder\.layers\.1\.feed_forward\.w2\.bias"):
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: encoder\.transformer_layers\.1\.feed_forward_w2\.bias"):
         mlx_voxtral.load(missing, backend="mlx")
     unknown = _rewrite(theirs[4], tmp_path / "unknown",
                        lambda w: w.__setitem__("encoder.transformer_layers.0.extra.weight", mx.zeros((4,))))
-    with pytest.raises(CheckpointError, match=r"unused checkpoint tensors: encoder\.layers\.0\.extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"unused checkpoint tensors: encoder\.transformer_layers\.0\.extra\.weight"):
         mlx_voxtral.load(unknown, backend="mlx")
     misshaped = _rewrite(theirs[4], tmp_path / "misshaped",
                          lambda w: w.__setitem__("decoder.norm.weight", mx.ones((7,), mx.bfloat16)))

@@ -98,6 +98,17 @@ def test_same_model_as_native(hf_folders, native, native_ids, dtype):
     assert ids == native_ids[dtype] and len(ids) > 0
 
 
+@pytest.mark.parametrize("layout", ["mlx-voxtral", "voxmlx"])
+def test_converts_to_other_layouts(hf_folders, native, layout, tmp_path):
+    """``convert`` of a transformers folder writes the native arguments (``ModelArgs.to_params``)
+    and the same tensors: the folder loads back as the native checkpoint."""
+    out = mlx_voxtral.convert(hf_folders["bfloat16"], tmp_path / "out", layout=layout, show_progress=False)
+    model = mlx_voxtral.load(out, backend="mlx")
+    assert model.layout == layout and model.args == native["bfloat16"].args
+    ours, theirs = _parameters(model), _parameters(native["bfloat16"])
+    assert sorted(ours) == sorted(theirs) and all(mx.array_equal(ours[k], w).item() for k, w in theirs.items())
+
+
 def test_same_ids_on_cpu_backend(hf_folders, tiny_checkpoint):
     from mlx_voxtral import cpu
 
