@@ -6,8 +6,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
-import mlx.core as mx  # noqa: F401  (before mlx_voxtral, as most MLX users write it)
+import mlx.core as mx  # before mlx_voxtral, as most MLX users write it
 import numpy as np
 import pytest
 
@@ -90,15 +91,28 @@ def speech_stereo_44k(audio_dir, speech_5s) -> Path:
     return path
 
 
+def rewrite_tensors(file: Path, edit, out: Optional[Path] = None) -> None:
+    """Write the tensors of the safetensors ``file``, changed by ``edit(weights)``, to ``out``
+    (default: ``file`` itself)."""
+    weights = dict(mx.load(str(file)))
+    edit(weights)
+    mx.save_safetensors(str(out or file), weights)
+
+
+def require_cpu_backend() -> None:
+    """Skip the test where the CPU backend cannot run."""
+    from mlx_voxtral import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU backend here: {cpu.unavailable_reason()}")
+
+
 # The model-level suites run on both backends: "cpu" (the Linux CPU backend) and "mlx" (the
 # plain MLX modules, what a Mac runs; here on MLX's CPU device, in the Mac's configuration).
 @pytest.fixture(scope="session", params=["cpu", "mlx"])
 def backend(request) -> str:
     if request.param == "cpu":
-        from mlx_voxtral import cpu
-
-        if not cpu.available():
-            pytest.skip(f"no CPU backend here: {cpu.unavailable_reason()}")
+        require_cpu_backend()
     return request.param
 
 
@@ -121,12 +135,14 @@ def eos_checkpoint(tiny_checkpoint, tmp_path_factory, model_fp32, speech_5s):
     baseline = mlx_voxtral.transcribe(model_fp32, speech_5s).token_ids
     path = tmp_path_factory.mktemp("eos") / "ckpt"
     shutil.copytree(tiny_checkpoint, path)
-    weights = dict(mx.load(str(path / "consolidated.safetensors")))
     name = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"
-    emb = weights[name]
-    emb[2] = emb[baseline[len(baseline) // 3]] * 1.05
-    weights[name] = emb
-    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
+
+    def point_eos(weights):
+        emb = weights[name]
+        emb[2] = emb[baseline[len(baseline) // 3]] * 1.05
+        weights[name] = emb
+
+    rewrite_tensors(path / "consolidated.safetensors", point_eos)
     return path
 
 

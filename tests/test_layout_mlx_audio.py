@@ -15,13 +15,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_checkpoint
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_voxtral
 from mlx_voxtral.convert import convert, main
 from mlx_voxtral.exceptions import CheckpointError, InvalidRequestError
 from mlx_voxtral.loader import LAYOUT_WEIGHTS, detect_layout
+
+from conftest import make_checkpoint, require_cpu_backend, rewrite_tensors
 
 pytest.importorskip("mlx_audio")
 
@@ -125,10 +126,7 @@ def test_loads_as_the_native_checkpoint(theirs, wide, audio, bits):
 
 
 def test_loads_on_the_cpu_backend(theirs, wide, audio):
-    from mlx_voxtral import cpu
-
-    if not cpu.available():
-        pytest.skip(f"no CPU backend here: {cpu.unavailable_reason()}")
+    require_cpu_backend()
     ours = mlx_voxtral.load(theirs[4], backend="cpu")
     reference = mlx_voxtral.load(wide, backend="cpu", quantize=dict.fromkeys(ALL, 4))
     assert mlx_voxtral.transcribe(ours, audio).token_ids == mlx_voxtral.transcribe(reference, audio).token_ids
@@ -136,10 +134,7 @@ def test_loads_on_the_cpu_backend(theirs, wide, audio):
 
 def _rewrite(src: Path, dst: Path, change) -> Path:
     shutil.copytree(src, dst)
-    file = dst / "model.safetensors"
-    weights = dict(mx.load(str(file)))
-    change(weights)
-    mx.save_safetensors(str(file), weights)
+    rewrite_tensors(dst / "model.safetensors", change)
     return dst
 
 

@@ -23,6 +23,8 @@ import mlx_voxtral
 from mlx_voxtral import CheckpointError
 from mlx_voxtral.loader import detect_layout, load_args
 
+from conftest import require_cpu_backend, rewrite_tensors
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
@@ -110,10 +112,7 @@ def test_converts_to_other_layouts(hf_folders, native, layout, tmp_path):
 
 
 def test_same_ids_on_cpu_backend(hf_folders, tiny_checkpoint):
-    from mlx_voxtral import cpu
-
-    if not cpu.available():
-        pytest.skip(f"no CPU backend here: {cpu.unavailable_reason()}")
+    require_cpu_backend()
     ours = mlx_voxtral.load(hf_folders["float32"], dtype=mx.float32, backend="cpu")
     theirs = mlx_voxtral.load(tiny_checkpoint, dtype=mx.float32, backend="cpu")
     assert ours.backend == "cpu" and ours.layout == "transformers"
@@ -176,9 +175,7 @@ def broken(hf_folders, tmp_path) -> Path:
 
 
 def _rewrite(folder: Path, edit) -> None:
-    weights = dict(mx.load(str(folder / "model.safetensors")))
-    edit(weights)
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    rewrite_tensors(folder / "model.safetensors", edit)
 
 
 def test_unknown_missing_misshaped_tensors_are_named(broken):

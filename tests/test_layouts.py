@@ -18,6 +18,8 @@ from mlx_voxtral.convert import convert
 from mlx_voxtral.convert import main as convert_main
 from mlx_voxtral.quantize import every_layer, quantized_layers
 
+from conftest import require_cpu_backend, rewrite_tensors
+
 # ---------------------------------------------------------------------------------- voxmlx
 
 voxmlx = pytest.importorskip("voxmlx")
@@ -101,10 +103,7 @@ def test_voxmlx_folder_loads_as_the_native_checkpoint(voxmlx_folders, tiny_check
 
 
 def test_voxmlx_float_folder_on_the_cpu_backend(voxmlx_folders, tiny_checkpoint, speech_1s):
-    from mlx_voxtral import cpu
-
-    if not cpu.available():
-        pytest.skip(f"no CPU backend here: {cpu.unavailable_reason()}")
+    require_cpu_backend()
     audio = mlx_voxtral.load_audio(speech_1s)
     ids = mlx_voxtral.transcribe(mlx_voxtral.load(voxmlx_folders[None], backend="cpu"), audio).token_ids
     assert ids == mlx_voxtral.transcribe(mlx_voxtral.load(tiny_checkpoint, backend="cpu"), audio).token_ids
@@ -117,9 +116,7 @@ def broken(folder: pathlib.Path, tmp_path, edit) -> pathlib.Path:
     for f in folder.iterdir():
         if f.name != "model.safetensors":
             (out / f.name).symlink_to(f)
-    weights = dict(mx.load(str(folder / "model.safetensors")))
-    edit(weights)
-    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    rewrite_tensors(folder / "model.safetensors", edit, out / "model.safetensors")
     return out
 
 

@@ -16,6 +16,8 @@ import pytest
 import mlx_voxtral
 from mlx_voxtral import CheckpointError
 
+from conftest import rewrite_tensors
+
 
 @pytest.fixture
 def broken(tiny_checkpoint, tmp_path) -> Path:
@@ -26,9 +28,7 @@ def broken(tiny_checkpoint, tmp_path) -> Path:
 
 
 def _rewrite_weights(path: Path, edit) -> None:
-    weights = dict(mx.load(str(path / "consolidated.safetensors")))
-    edit(weights)
-    mx.save_safetensors(str(path / "consolidated.safetensors"), weights)
+    rewrite_tensors(path / "consolidated.safetensors", edit)
 
 
 def test_load_local_folder(tiny_checkpoint):
