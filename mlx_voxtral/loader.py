@@ -371,9 +371,11 @@ def load(
     in_situ = None
     files = load_weights(path, layout)
     weights = Model.sanitize(files, layout, args)
+    stored_names = list(files)
+    del files  # ``weights`` must hold the only references: each group's float tensors go once loaded
     spell = _spelling(layout)
     if layout in LAYOUTS:  # names sanitize passes through, but that project does not write
-        strays = sorted(n for n in files if spell(next(iter(Model.sanitize({n: None}, layout)))) != n)
+        strays = sorted(n for n in stored_names if spell(next(iter(Model.sanitize({n: None}, layout)))) != n)
         if strays:
             raise CheckpointError(f"{path} is in {layout}'s layout but {len(strays)} tensors are not under its names: "
                                   f"{', '.join(strays[:20])}")

@@ -205,19 +205,18 @@ _QUANTIZE_BLOCK = 1 << 23
 
 def quantized_layer(module: nn.Module, group_size: int, bits: int, mode: str = MODE) -> nn.Module:
     """``module.to_quantized(group_size, bits, mode)``, quantizing the weight a block of rows
-    at a time (evaluated block by block) when it is large; the arrays equal one
-    ``mx.quantize`` of the whole weight."""
+    at a time when it is large (then evaluated here); the arrays equal one ``mx.quantize`` of
+    the whole weight."""
     layer = module.to_quantized(group_size=group_size, bits=bits, mode=mode)  # lazy: replaced below
     w = module.weight
     rows = max(1, _QUANTIZE_BLOCK // w.shape[-1])
     if w.shape[0] <= rows:
         return layer
-    blocks = []
-    for i in range(0, w.shape[0], rows):
-        blocks.append(mx.quantize(w[i : i + rows], group_size, bits, mode=mode))
-        mx.eval(blocks[-1])
+    blocks = [mx.quantize(w[i : i + rows], group_size, bits, mode=mode) for i in range(0, w.shape[0], rows)]
     layer.weight, layer.scales, *biases = (mx.concatenate(parts) for parts in zip(*blocks))
     layer.biases = biases[0] if biases else None
+    mx.eval(layer.parameters())
+    mx.clear_cache()  # the blocks' buffers: else MLX keeps them for reuse, resident
     return layer
 
 
