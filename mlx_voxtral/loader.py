@@ -270,6 +270,8 @@ def _materialize(
                                                  for p in pending]))
             del leaves
         mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(key + ".")])
+        if pending:
+            mx.clear_cache()  # quantizing's scratch (large in the fp modes) would stay resident in MLX's cache
         if progress is not None:
             progress(done, len(groups))
 
