@@ -198,23 +198,29 @@ def class_predicate(config: dict[str, Any]) -> Callable[[str, nn.Module], Union[
 
 
 # MLX 0.32.4's CPU quantize in the fp modes holds ~70 bytes per weight at once (15 GB for the
-# 131072 x 3072 embedding in mxfp4) and crashes on that embedding in nvfp4: in those modes,
-# quantize at most this many weights at a time (rows are independent: the arrays are the
-# same). Affine quantizes whole layers: blocks there leave 0.4 GB more resident at 8 bits.
+# 131072 x 3072 embedding in mxfp4) and crashes on that embedding in nvfp4: in those modes a
+# layer is quantized at most this many weights at a time, each block evaluated before the next
+# (rows are independent: the arrays are the same). Affine quantizes whole layers, lazily with
+# their group: blocks there left 0.4 GB more resident at 8 bits.
 _QUANTIZE_BLOCK = 1 << 23
 
 
 def quantized_layer(module: nn.Module, group_size: int, bits: int, mode: str = MODE) -> nn.Module:
-    """``module.to_quantized(group_size, bits, mode)``, quantizing the weight a block of rows
-    at a time when it is large in an fp mode; the arrays equal one ``mx.quantize`` of the
+    """``module.to_quantized(group_size, bits, mode)``; in an fp mode the weight is quantized
+    a block of rows at a time, evaluated here. The arrays equal one ``mx.quantize`` of the
     whole weight."""
-    layer = module.to_quantized(group_size=group_size, bits=bits, mode=mode)  # lazy: replaced below
+    layer = module.to_quantized(group_size=group_size, bits=bits, mode=mode)
+    if mode == MODE:
+        return layer
     w = module.weight
     rows = max(1, _QUANTIZE_BLOCK // w.shape[-1])
-    if mode == MODE or w.shape[0] <= rows:
-        return layer
-    blocks = [mx.quantize(w[i : i + rows], group_size, bits, mode=mode) for i in range(0, w.shape[0], rows)]
-    layer.weight, layer.scales, *biases = (mx.concatenate(parts) for parts in zip(*blocks))
+    blocks = []
+    for i in range(0, w.shape[0], rows):
+        blocks.append(mx.quantize(w[i : i + rows], group_size, bits, mode=mode))
+        mx.eval(blocks[-1])
+    # replacing the arrays drops to_quantized's own (lazy, never computed) quantize
+    layer.weight, layer.scales, *biases = (mx.concatenate(parts) if len(parts) > 1 else parts[0]
+                                           for parts in zip(*blocks))
     layer.biases = biases[0] if biases else None
     return layer
 
