@@ -52,7 +52,16 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .exceptions import CheckpointError, InvalidRequestError, VoxtralError
-from .loader import CONFIG_FILES, DEFAULT_MODEL, detect_layout, load, load_args, load_weights, resolve_path
+from .loader import (
+    CONFIG_FILES,
+    DEFAULT_MODEL,
+    detect_layout,
+    load,
+    load_args,
+    load_group,
+    load_weights,
+    resolve_path,
+)
 from .model import LAYOUTS, Model, _rename
 from .quantize import (
     MODE,
@@ -369,8 +378,7 @@ def _quantize_every_layer(model: Model, bits: int, group_size: int) -> None:
     groups: dict[str, None] = {}
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
         if predicate(path, m):
-            parts = path.split(".")
-            groups[".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])] = None
+            groups[load_group(path)] = None
     for key in groups:
         nn.quantize(model, class_predicate=lambda p, m: (p == key or p.startswith(key + ".")) and predicate(p, m))
         mx.eval([v for k, v in tree_flatten(model.parameters()) if k.startswith(key + ".")])

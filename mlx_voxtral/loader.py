@@ -75,6 +75,8 @@ def _is_mlx_audio(path: Path) -> bool:
 def detect_layout(path: Path) -> str:
     """Which layout a checkpoint folder is in, told by its files (weights need not be there):
 
+    * ``mlx-audio``: mlx-audio's ``config.json`` and ``model.safetensors`` (told first: its
+      converter copies the source's ``params.json`` and ``consolidated.safetensors`` too);
     * ``native``: Mistral's ``params.json`` and ``consolidated.safetensors``;
     * ``mlx-voxtral``: ``params.json`` and shards under this package's names (``convert``);
     * ``voxmlx``: voxmlx's ``config.json`` (the native params) and its shards;
@@ -82,12 +84,9 @@ def detect_layout(path: Path) -> str:
       ``VoxtralRealtimeForConditionalGeneration.save_pretrained`` writes (``model_type``
       ``voxtral_realtime`` with ``audio_config`` and ``text_config``, or that architecture).
 
-    * ``mlx-audio``: mlx-audio's ``config.json`` and ``model.safetensors`` (told first: its
-      converter copies the source's ``params.json`` and ``consolidated.safetensors`` too).
-
-    Otherwise a folder with ``params.json`` is read as Mistral's (or this package's) layout even where it
-    also holds another layout's files, as Mistral's Hub repo does: only that layout's weights
-    are read.
+    Otherwise a folder with ``params.json`` is read as Mistral's (or this package's) layout,
+    even where it also holds another layout's files, as Mistral's Hub repo does: only that
+    layout's weights are read.
 
     Raises:
         CheckpointError: none of these (the message says what was found).
@@ -221,6 +220,13 @@ def _check_weights(model: nn.Module, weights: dict[str, mx.array], spell: Callab
         raise CheckpointError("checkpoint does not match the model: " + " | ".join(problems))
 
 
+def load_group(name: str) -> str:
+    """The group a tensor or module path loads (and is quantized) with: one encoder/decoder
+    layer (``decoder.layers.3``), else its top two parts (``decoder.tok_embeddings``)."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
+
+
 def _materialize(
     model: nn.Module,
     weights: dict[str, mx.array],
@@ -256,9 +262,7 @@ def _materialize(
 
     groups: dict[str, list[str]] = {}
     for name in weights:
-        parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(load_group(name), []).append(name)
     for done, (key, names) in enumerate(groups.items(), start=1):
         chunk = [(name, cast(name, weights.pop(name))) for name in names]
         model.load_weights(chunk, strict=False)
