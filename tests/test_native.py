@@ -52,6 +52,24 @@ def test_quantized_matmul(rows, bits, group_size, k, scale_dtype, integer):
     assert _rel(native.quantized_matmul(x, wq, scales, biases, group_size, bits, integer), ref) < 1e-5
 
 
+@pytest.mark.parametrize("bits, group_size, k, n", [(4, 64, 576, 77), (4, 128, 512, 40), (8, 32, 320, 33), (8, 64, 1280, 64)])
+def test_integer_tiles(bits, group_size, k, n):
+    """``many``: every number of rows through the integer tiles (columns past a whole tile,
+    rows past a whole register tile), each row's result the bits it has alone."""
+    w = mx.random.normal((n, k), key=mx.random.key(k)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    scales, biases = scales.astype(mx.bfloat16), biases.astype(mx.bfloat16)
+    mx.eval(wq, scales, biases)
+    deq = np.array(mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits))
+    x = np.random.default_rng(n).standard_normal((70, k)).astype(np.float32)
+    ref = native.quantize_activations(x, group_size).astype(np.float64) @ deq.astype(np.float64).T
+    tiles = native.Matmuls([(wq, scales, biases)], group_size, bits, many=True)
+    y = tiles(x)[0]
+    assert _rel(y, ref) < 1e-5
+    for rows in (slice(69, 70), slice(3, 7), slice(0, 13)):
+        assert np.array_equal(tiles(x[rows])[0], y[rows])
+
+
 def test_unsupported_group_is_reported():
     assert not native.quantized_supported(32, 4)  # a group smaller than one 8-word block
 

@@ -6,8 +6,11 @@ of quantized layers rounded to 8 bits per group), through ``mlx_voxtral.cpu.nati
 
 * a few rows (decoding: one per stream, up to ``native.FEW_ROWS``) stream the weights once,
   a layer's q, k and v (and w1, w3) in one pass;
-* many rows (the encoder over a block of audio, a prompt) convert the weights to float32 a
-  cache-sized tile at a time and multiply each tile with the BLAS;
+* quantized weights times more rows (and the encoder's and adapter's at any number of rows,
+  so that streamed audio gives the bits of one offline block) multiply in integers, 8-bit
+  activations against tiles of the weights transposed in cache (VNNI), where the CPU has it;
+* other many-row products (float weights; quantized ones without VNNI) convert the weights
+  to float32 a cache-sized tile at a time and multiply each tile with the BLAS;
 * attention over more than one query runs in a native sliding-window kernel, one query over
   the bfloat16 cache in place, and the SwiGLU gate on all cores.
 
@@ -68,9 +71,10 @@ def _native_format(layer) -> Optional[tuple]:
     return (str(layer.weight.dtype),) if layer.weight.dtype in (mx.bfloat16, mx.float32) else None
 
 
-def _matmuls(layers) -> Optional[native.Matmuls]:
+def _matmuls(layers, many: bool = False) -> Optional[native.Matmuls]:
     """The native product with each of ``layers`` (no bias) in one pass, or None where they
-    are not all of one format the kernels take."""
+    are not all of one format the kernels take; ``many``: ``native.Matmuls``'s (a row's
+    result the same whatever the number of rows)."""
     formats = {_native_format(layer) for layer in layers}
     if len(formats) != 1 or None in formats:
         return None
@@ -79,7 +83,7 @@ def _matmuls(layers) -> Optional[native.Matmuls]:
         weights = [layer.weight for layer in layers]
         mx.eval(weights)
         return native.Matmuls(weights)
-    return native.Matmuls([(l.weight, l.scales, l.biases) for l in layers], fmt[2], fmt[1])
+    return native.Matmuls([(l.weight, l.scales, l.biases) for l in layers], fmt[2], fmt[1], many)
 
 
 def _bias(layer) -> Optional[np.ndarray]:
@@ -93,24 +97,25 @@ def _dense(layer) -> mx.array:
     return layer.weight
 
 
-def linear_rows(layer, rows: np.ndarray) -> np.ndarray:
+def linear_rows(layer, rows: np.ndarray, many: bool = False) -> np.ndarray:
     """``rows @ W.T`` (no bias) for a linear or embedding layer and float32 rows [M, K]: the
-    native kernels where they take its weights, MLX otherwise."""
-    matmuls = _memo(layer, "matmuls", _arrays(layer), lambda: _matmuls([layer]))
+    native kernels where they take its weights, MLX otherwise; ``many`` as in ``_matmuls``."""
+    matmuls = _memo(layer, ("matmuls", many), _arrays(layer), lambda: _matmuls([layer], many))
     if matmuls is not None:
         return matmuls(rows)[0]
     return float_rows(mx.array(rows) @ _dense(layer).astype(mx.float32).T)
 
 
-def _projections(layers) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """``x -> [x @ W.T + b for each layer]``: one native pass where the layers share a format."""
+def _projections(layers, many: bool = False) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``x -> [x @ W.T + b for each layer]``: one native pass where the layers share a format
+    (``many`` as in ``_matmuls``)."""
 
     def make():
-        fused = _matmuls(layers)
+        fused = _matmuls(layers, many)
         biases = [_bias(layer) for layer in layers]
 
         def run(x: np.ndarray) -> list[np.ndarray]:
-            ys = fused(x) if fused is not None else [linear_rows(layer, x) for layer in layers]
+            ys = fused(x) if fused is not None else [linear_rows(layer, x, many) for layer in layers]
             return [y if b is None else y + b for y, b in zip(ys, biases)]
 
         return run
@@ -170,7 +175,8 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: i
     return np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(sq, h * d).astype(np.float32)
 
 
-def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache], lengths: Sequence[int]) -> np.ndarray:
+def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache], lengths: Sequence[int],
+                   many: bool = False) -> np.ndarray:
     """``attn`` over float32 rows ``x`` [S, dim] of several streams packed back to back
     (``lengths[i]`` rows of stream i, whose keys and values ``caches[i]`` keeps) -> [S, dim].
     q, k and v in one native pass, RoPE in numpy, many queries in the native sliding-window
@@ -178,8 +184,8 @@ def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache]
     over the bfloat16 cache in place."""
     layers = (attn.wq, attn.wk, attn.wv)
     sources = [a for layer in layers for a in _arrays(layer)]
-    qkv = _memo(attn, "qkv", sources, _projections(layers))
-    wo = _memo(attn, "wo", _arrays(attn.wo), _projections([attn.wo]))
+    qkv = _memo(attn, ("qkv", many), sources, _projections(layers, many))
+    wo = _memo(attn, ("wo", many), _arrays(attn.wo), _projections([attn.wo], many))
     H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q, k, v = qkv(x)
     outputs, start = [], 0
@@ -203,22 +209,23 @@ def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache]
     return wo(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))[0]
 
 
-def feed_forward_rows(ffn: FeedForward, x: np.ndarray) -> np.ndarray:
+def feed_forward_rows(ffn: FeedForward, x: np.ndarray, many: bool = False) -> np.ndarray:
     """``ffn`` over float32 rows [S, dim]: w1 and w3 in one pass, the SwiGLU gate on all cores
     (MLX's CPU elementwise ops use one) and w2 straight from it."""
     layers = (ffn.w1, ffn.w3)
-    w13 = _memo(ffn, "w13", [a for layer in layers for a in _arrays(layer)], _projections(layers))
-    w2 = _memo(ffn, "w2", _arrays(ffn.w2), _projections([ffn.w2]))
+    w13 = _memo(ffn, ("w13", many), [a for layer in layers for a in _arrays(layer)], _projections(layers, many))
+    w2 = _memo(ffn, ("w2", many), _arrays(ffn.w2), _projections([ffn.w2], many))
     return w2(native.silu_mul(*w13(x)))[0]
 
 
 def layer_rows(layer, x: np.ndarray, caches: Sequence[HostKVCache], lengths: Sequence[int],
-               scale: Optional[np.ndarray] = None) -> np.ndarray:
+               scale: Optional[np.ndarray] = None, many: bool = False) -> np.ndarray:
     """An encoder or decoder layer (pre-norm attention and SwiGLU, residual adds) over packed
-    float32 rows; ``scale`` is a decoder layer's ada scale of its FFN norm."""
-    x = x + attention_rows(layer.attention, rms_norm(x, layer.attention_norm), caches, lengths)
+    float32 rows; ``scale`` is a decoder layer's ada scale of its FFN norm; ``many`` as in
+    ``_matmuls`` (the encoder's)."""
+    x = x + attention_rows(layer.attention, rms_norm(x, layer.attention_norm), caches, lengths, many)
     h = rms_norm(x, layer.ffn_norm)
-    return x + feed_forward_rows(layer.feed_forward, h if scale is None else h * scale)
+    return x + feed_forward_rows(layer.feed_forward, h if scale is None else h * scale, many)
 
 
 def _conv_rows(conv, x: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +281,7 @@ class CPUEncoder(nn.Module):
         lengths = [length for _, length in active]
         x = np.concatenate(frames) if len(frames) > 1 else frames[0]
         for index, layer in enumerate(self.layers):
-            x = layer_rows(layer, x, cache.layer(index), lengths)
+            x = layer_rows(layer, x, cache.layer(index), lengths, many=True)
         x = rms_norm(x, self.norm)
         offset = 0
         for (i, length) in active:
@@ -295,7 +302,7 @@ class CPUAdapter(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         n = x.shape[0]
         rows = float_rows(x.reshape(n, -1, x.shape[-1] * self.downsample_factor))
-        y = linear_rows(self.w_out, gelu(linear_rows(self.w_in, rows)))
+        y = linear_rows(self.w_out, gelu(linear_rows(self.w_in, rows, True)), True)
         return mx.array(y).reshape(n, -1, y.shape[-1])
 
 

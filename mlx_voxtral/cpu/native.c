@@ -395,6 +395,190 @@ static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t
       f[(M - m0 < 4 ? M - m0 : 4) - 1](m0, n, N, K, Kp, G, xq, xl, xs, w + (size_t)n * words, scales, biases, bf16,
                                        half_group, y);
 }
+
+/* ---- many rows in integers: x~ [M, K] (8 bits per group) times 4/8-bit weights ----
+   Outputs lie in vector lanes: a tile of QG_COLS weight rows is transposed once into
+   scratch (word w of the tile's rows side by side: 16 x 16 transposes in registers), then
+   for QG_ROWS rows of x at a time each word meets 4 of x's bytes broadcast (VNNI: 64
+   products per instruction, exact in int32 over a group); once per group the integer sums
+   are scaled (the weights' scale times x's, plus the weights' bias times x's group sum)
+   into float totals. Every output is the same sequence of operations whatever M, the
+   tiling or the other rows, so a row's result does not depend on its batch or chunking. */
+#define QG_COLS 32
+#define QG_ROWS 6
+#ifndef QG_AHEAD
+#define QG_AHEAD 64 /* words: each of the 16 rows' reads asked for 4 lines ahead */
+#endif
+
+/* 16 x 16 32-bit transpose: in[i] (16 words of row i) -> out[j] (word j of the 16 rows) */
+INLINE void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; i++) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+/* The tile of rows [n0, n0 + QG_COLS) (rows past N zero): words wt [words][QG_COLS], scales
+   and biases st, bt [KG][QG_COLS] as float32. */
+static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const void* scales, const void* biases,
+                    int bf16, uint32_t* wt, float* st, float* bt) {
+  int w16 = words & ~15;
+  for (int h = 0; h < QG_COLS; h += 16) {
+    const uint32_t* rows[16];
+    for (int i = 0; i < 16; i++) rows[i] = n0 + h + i < N ? w + (size_t)(n0 + h + i) * words : NULL;
+    for (int w0 = 0; w0 < w16; w0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; i++) {
+        if (!rows[i]) { r[i] = _mm512_setzero_si512(); continue; }
+        __builtin_prefetch(rows[i] + w0 + QG_AHEAD, 0, 0);
+        r[i] = _mm512_loadu_si512(rows[i] + w0);
+      }
+      transpose16(r);
+      for (int j = 0; j < 16; j++) _mm512_storeu_si512(wt + (size_t)(w0 + j) * QG_COLS + h, r[j]);
+    }
+    for (int j = w16; j < words; j++)
+      for (int i = 0; i < 16; i++) wt[(size_t)j * QG_COLS + h + i] = rows[i] ? rows[i][j] : 0;
+  }
+  for (int c = 0; c < QG_COLS; c++)
+    for (int g = 0; g < KG; g++) {
+      int in = n0 + c < N;
+      st[(size_t)g * QG_COLS + c] = in ? qparam(scales, (size_t)(n0 + c) * KG + g, bf16) : 0.0f;
+      bt[(size_t)g * QG_COLS + c] = in ? qparam(biases, (size_t)(n0 + c) * KG + g, bf16) : 0.0f;
+    }
+}
+
+/* R rows of x~ (bytes xg [R][K] in the tile's word order, scales xd and group sums xs
+   [R][KG]) times one tile -> y [R][N] columns [n0, n0 + cols). */
+INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, int cols, const int8_t* xg,
+                    const float* xd, const float* xs, const uint32_t* wt, const float* st, const float* bt,
+                    float* y) {
+  const int vpw = 32 / bits, words = K / vpw, KG = K / G, wpg = G / vpw;
+  const __m512i nib = _mm512_set1_epi8(15);
+  v16 tot[QG_ROWS][2];
+  for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = (v16){0};
+  for (int g = 0; g < KG; g++) {
+    __m512i acc[QG_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int w = g * wpg; w < (g + 1) * wpg; w++) {
+      __m512i v0 = _mm512_loadu_si512(wt + (size_t)w * QG_COLS), v1 = _mm512_loadu_si512(wt + (size_t)w * QG_COLS + 16);
+      if (bits == 4) {
+        __m512i l0 = _mm512_and_si512(v0, nib), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nib);
+        __m512i l1 = _mm512_and_si512(v1, nib), h1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), nib);
+        for (int r = 0; r < R; r++) {
+          int32_t lo, hi;
+          memcpy(&lo, xg + (size_t)r * K + 8 * w, 4);
+          memcpy(&hi, xg + (size_t)r * K + 8 * w + 4, 4);
+          __m512i xl = _mm512_set1_epi32(lo), xh = _mm512_set1_epi32(hi);
+          acc[r][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][0], l0, xl), h0, xh);
+          acc[r][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][1], l1, xl), h1, xh);
+        }
+      } else {
+        for (int r = 0; r < R; r++) {
+          int32_t q;
+          memcpy(&q, xg + (size_t)r * K + 4 * w, 4);
+          __m512i xq = _mm512_set1_epi32(q);
+          acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], v0, xq);
+          acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], v1, xq);
+        }
+      }
+    }
+    v16 s0 = load16(st + (size_t)g * QG_COLS), s1 = load16(st + (size_t)g * QG_COLS + 16);
+    v16 b0 = load16(bt + (size_t)g * QG_COLS), b1 = load16(bt + (size_t)g * QG_COLS + 16);
+    for (int r = 0; r < R; r++) {
+      float d = xd[(size_t)r * KG + g], sum = xs[(size_t)r * KG + g];
+      tot[r][0] += fma16(b0, (v16){0} + sum, (v16)_mm512_cvtepi32_ps(acc[r][0]) * (s0 * d));
+      tot[r][1] += fma16(b1, (v16){0} + sum, (v16)_mm512_cvtepi32_ps(acc[r][1]) * (s1 * d));
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float* yr = y + (size_t)r * N + n0;
+    if (cols == QG_COLS) {
+      memcpy(yr, &tot[r][0], 64);
+      memcpy(yr + 16, &tot[r][1], 64);
+    } else {
+      float out[QG_COLS];
+      memcpy(out, &tot[r][0], 64);
+      memcpy(out + 16, &tot[r][1], 64);
+      memcpy(yr, out, sizeof(float) * cols);
+    }
+  }
+  (void)words;
+}
+
+#define QG_DEF(bits, R) \
+  static __attribute__((noinline)) void qg_##bits##_##R(int K, int G, int N, int n0, int cols, const int8_t* xg, \
+      const float* xd, const float* xs, const uint32_t* wt, const float* st, const float* bt, float* y) { \
+    qg_rows(R, bits, K, G, N, n0, cols, xg, xd, xs, wt, st, bt, y); \
+  }
+QG_DEF(4, 1) QG_DEF(4, 2) QG_DEF(4, 3) QG_DEF(4, 4) QG_DEF(4, 5) QG_DEF(4, 6)
+QG_DEF(8, 1) QG_DEF(8, 2) QG_DEF(8, 3) QG_DEF(8, 4) QG_DEF(8, 5) QG_DEF(8, 6)
+typedef void (*qg_fn)(int, int, int, int, int, const int8_t*, const float*, const float*, const uint32_t*,
+                      const float*, const float*, float*);
+
+/* x~'s bytes in the order the tiles' words meet them: 4-bit, per word of 8 values, its even
+   values (the low nibbles) then its odd ones; 8-bit, as they are. */
+static void qg_layout(int M, int K, int bits, const int8_t* xi, int8_t* xg) {
+  #pragma omp parallel for schedule(static) if (M > FEW_ROWS)
+  for (int m = 0; m < M; m++) {
+    const int8_t* s = xi + (size_t)m * K;
+    int8_t* d = xg + (size_t)m * K;
+    if (bits == 8) { memcpy(d, s, K); continue; }
+    for (int k = 0; k < K; k += 8)
+      for (int j = 0; j < 4; j++) d[k + j] = s[k + 2 * j], d[k + 4 + j] = s[k + 2 * j + 1];
+  }
+}
+
+/* y_i = x~ @ dequantize(w_i)^T for `count` matrices, every column tile a task. Returns 2
+   without memory for the scratch. */
+static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const int8_t* xg, const float* xd,
+                 const float* xs, const uint32_t* const* ws, const void* const* scales_, const void* const* biases_,
+                 int bf16, float* const* ys) {
+  static const qg_fn fns[2][QG_ROWS] = {{qg_4_1, qg_4_2, qg_4_3, qg_4_4, qg_4_5, qg_4_6},
+                                        {qg_8_1, qg_8_2, qg_8_3, qg_8_4, qg_8_5, qg_8_6}};
+  const qg_fn* f = fns[bits == 8];
+  int words = K / (32 / bits), KG = K / G, tasks = 0, failed = 0;
+  for (int i = 0; i < count; i++) tasks += (Ns[i] + QG_COLS - 1) / QG_COLS;
+  #pragma omp parallel
+  {
+    uint32_t* wt = malloc(sizeof(uint32_t) * (size_t)words * QG_COLS);
+    float* st = malloc(sizeof(float) * (size_t)KG * QG_COLS * 2);
+    if (!wt || !st) failed = 1;
+    #pragma omp for schedule(dynamic)
+    for (int t = 0; t < tasks; t++) {
+      if (!wt || !st) continue;
+      int i = 0, tile = t;
+      while (tile >= (Ns[i] + QG_COLS - 1) / QG_COLS) tile -= (Ns[i++] + QG_COLS - 1) / QG_COLS;
+      int N = Ns[i], n0 = tile * QG_COLS, cols = N - n0 < QG_COLS ? N - n0 : QG_COLS;
+      qg_tile(n0, N, words, KG, ws[i], scales_[i], biases_[i], bf16, wt, st, st + (size_t)KG * QG_COLS);
+      for (int m0 = 0; m0 < M; m0 += QG_ROWS) {
+        int R = M - m0 < QG_ROWS ? M - m0 : QG_ROWS;
+        f[R - 1](K, G, N, n0, cols, xg + (size_t)m0 * K, xd + (size_t)m0 * KG, xs + (size_t)m0 * KG, wt, st,
+                 st + (size_t)KG * QG_COLS, ys[i] + (size_t)m0 * N);
+      }
+    }
+    free(wt), free(st);
+  }
+  return failed ? 2 : 0;
+}
 #endif
 
 /* x with each block's values reordered (value vpw * i + j of a block, word i slot j, goes
@@ -453,34 +637,45 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
    q, k and v, say), x~ being x in 8 bits per group (above): x is rounded once and the
    few-row kernels of all matrices share one parallel region (threads move to the next
    matrix without waiting). Up to MANY_ROWS rows go through the few-row kernels FEW_ROWS
-   at a time (integer with VNNI unless allow_integer is 0, else float), more through float
-   tiles and the BLAS. Returns nonzero for an unsupported format, 2 without memory for the
-   scratch. */
+   at a time (integer with VNNI unless allow_integer is 0, else float), more (every M when
+   `many` is set) through the integer tiles with VNNI, else float tiles and the BLAS. Returns nonzero for an unsupported format,
+   2 without memory for the scratch. */
 #ifndef MANY_ROWS
 #define MANY_ROWS 64
 #endif
+
 int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, const float* x,
                     const uint32_t* const* ws, const void* const* scales_, const void* const* biases_, int bf16,
-                    int allow_integer, float* const* ys) {
+                    int allow_integer, int many, float* const* ys) {
   int vpw = 32 / bits, KG = K / G;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
-  int integer = QVNNI && allow_integer && M <= MANY_ROWS;
+  /* many rows (or `many`: every M, for a result that does not depend on M) in the integer
+     tiles, a few in the few-row integer kernels, both with VNNI */
+  int tiles = QVNNI && allow_integer && (many || M > MANY_ROWS);
+  int integer = QVNNI && allow_integer && !tiles;
   int* half_group = malloc(sizeof(int) * (size_t)(halves + 1));
-  float* xt = integer ? NULL : malloc(sizeof(float) * (size_t)M * K);
+  float* xt = integer || tiles ? NULL : malloc(sizeof(float) * (size_t)M * K);
   int8_t* xi = malloc((size_t)M * K);
   float* xd = malloc(sizeof(float) * (size_t)M * KG);
   float* xs = malloc(sizeof(float) * (size_t)M * KG);
   /* the integer kernel's x (bytes) and lane scales, or the float kernels' permuted x */
-  void* xk = malloc(integer ? (size_t)M * Kp : sizeof(float) * (size_t)M * Kp);
+  void* xk = malloc(integer || tiles ? (size_t)M * Kp : sizeof(float) * (size_t)M * Kp);
   float* xl = integer ? malloc(sizeof(float) * (size_t)M * (Kp / blk) * QBLOCK) : NULL;
-  float* tile = M > MANY_ROWS ? malloc(sizeof(float) * (size_t)TILE * Kp) : NULL;
+  int float_tiles = !tiles && M > MANY_ROWS;
+  float* tile = float_tiles ? malloc(sizeof(float) * (size_t)TILE * Kp) : NULL;
   int status = 2;
-  if (!half_group || (!integer && !xt) || !xi || !xd || !xs || !xk || (integer && !xl) || (M > MANY_ROWS && !tile)) goto done;
+  if (!half_group || (!integer && !tiles && !xt) || !xi || !xd || !xs || !xk || (integer && !xl) || (float_tiles && !tile))
+    goto done;
   for (int h = 0; h <= halves; h++) half_group[h] = h * 8 * vpw / G < KG ? h * 8 * vpw / G : KG - 1;
   quantize_rows(M, K, G, x, xt, xi, xd, xs);
   status = 0;
 #if QVNNI
+  if (tiles) {
+    qg_layout(M, K, bits, xi, xk);
+    status = qgemm(count, M, Ns, K, G, bits, xk, xd, xs, ws, scales_, biases_, bf16, ys);
+    goto done;
+  }
   if (integer) {
     layout_q8(M, K, Kp, G, bits, xi, xd, half_group, xk, xl);
     #pragma omp parallel

@@ -42,6 +42,7 @@ _CANDIDATES = [
 _SOURCE = Path(__file__).with_name("native.c")
 
 FEW_ROWS = 8  # the native kernels' row limit (FEW_ROWS in native.c)
+MANY_ROWS = 64  # beyond it, quantized weights take the many-row kernels (MANY_ROWS in native.c)
 
 blas: Optional[str] = None  # the BLAS the kernels call, once loaded
 library: Optional[str] = None  # the compiled native library, once loaded
@@ -242,9 +243,15 @@ class Matmuls:
 
     The weights' addresses are taken once (a decode step multiplies ~100 of them); the object
     holds the arrays, so the addresses stay valid for as long as it lives.
+
+    ``many``: quantized weights take the many-row integer kernel whatever the number of rows
+    (where the CPU has VNNI), so that a row's result does not depend on how many rows a call
+    brings (the encoder's: streamed audio in 80 ms steps equals one offline block); otherwise
+    up to ``MANY_ROWS`` rows take the few-row kernels, which stream the weights once.
     """
 
-    def __init__(self, weights, group_size: int = 0, bits: int = 0):
+    def __init__(self, weights, group_size: int = 0, bits: int = 0, many: bool = False):
+        self.many = many
         quantized = bits != 0
         self._arrays = list(weights)  # keeps the buffers behind the addresses alive
         mats = [w[0] if quantized else w for w in weights]
@@ -274,7 +281,7 @@ class Matmuls:
                 raise MemoryError("no memory for a weight tile")
             return ys
         status = _lib.mlx_voxtral_qmm(len(ys), m, self.ns, k, self.group_size, self.bits, xp, *self.pointers,
-                                      self.scales_bf16, int(integer), out)
+                                      self.scales_bf16, int(integer), int(self.many), out)
         if status == 1:
             raise ValueError(f"no native kernel for {self.bits}-bit weights with group size {self.group_size}")
         if status:
