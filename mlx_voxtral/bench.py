@@ -716,12 +716,17 @@ print(json.dumps({"load_s": load_s, "transcribe_s": time.perf_counter() - t0, "t
 }
 PEER_PRECISION = {"voxmlx": "checkpoint dtype", "mlx-audio": "checkpoint dtype", "mistral.rs": "ISQ as given",
                   "transformers": "fp32"}
+# mistral.rs's in-situ quantization -> our precision it matches ("" = none: the checkpoint's bf16)
+MISTRALRS_MATCH = {"": "bf16", "Q4K": "4", "Q4_0": "4", "Q8_0": "8", "Q8K": "8"}
 
 
 def run_peer(name: str, model: str, wav: str, seconds: float, python: str, timeout: float, isq: str) -> dict:
     out = _in_subprocess(["-c", _PEER_CODE[name], model, wav, isq], timeout, python)
     out["peer"] = name
     out["precision"] = PEER_PRECISION[name] + (f" ({isq})" if name == "mistral.rs" and isq else "")
+    out["audio_s"] = seconds
+    if name == "mistral.rs":
+        out["matches"] = MISTRALRS_MATCH.get(isq)
     if "transcribe_s" in out:
         out["rtfx"] = round(seconds / out["transcribe_s"], 3)
     return out
@@ -840,7 +845,21 @@ def report(machine: dict, results: list[dict], peers: list[dict], args: ModelArg
                     f"  {p['peer']:>12} [{p['precision']}]: RTFx {p['rtfx']}, load {p['load_s']:.1f} s, "
                     f"transcribe {p['transcribe_s']:.1f} s"
                 )
+        lines += matched(results, peers)
     return "\n".join(lines)
+
+
+def matched(results: list[dict], peers: list[dict]) -> list[str]:
+    """Our offline RTFx against each peer run at the precision it matches, on the same audio."""
+    lines = []
+    for p in peers:
+        ours = [r for r in results if r.get("precision") == p.get("matches") and not r.get("error")
+                and str(p["audio_s"]) in r.get("offline", {})]
+        for r in ours if p.get("rtfx") else []:
+            rtfx = r["offline"][str(p["audio_s"])]["rtfx"]
+            lines.append(f"  matching precision, {p['audio_s']} s: {r['backend']} {r['precision']} RTFx {rtfx} vs "
+                         f"{p['peer']} [{p['precision']}] {p['rtfx']}: {rtfx / p['rtfx']:.2f}x")
+    return lines
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -898,7 +917,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--peers", default="", help="comma list of voxmlx,mlx-audio,mistral.rs,transformers or 'all'")
     parser.add_argument("--peer-python", default=sys.executable, help="interpreter that has the peers installed")
     parser.add_argument("--peer-timeout", type=float, default=3600.0)
-    parser.add_argument("--mistralrs-isq", default="", help="in_situ_quant for mistral.rs (e.g. Q4K)")
+    parser.add_argument("--mistralrs-isq", default="",
+                        help="comma list of in_situ_quant settings for mistral.rs, one run each (e.g. none,Q4K; "
+                             "none: the checkpoint's bf16)")
+    parser.add_argument("--peer-seconds", type=float, help="audio length for the peers (default: the longest length)")
     parser.add_argument("--json", help="write all figures to this JSON file")
     parser.add_argument("--plot", help="write a PNG of RTFx against audio length (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -944,16 +966,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results.append(out if "precision" in out else {"precision": p, "backend": backend, **out})
     peers = []
     if names:
-        seconds = max(lengths)
+        seconds = args.peer_seconds or max(lengths)
         with tempfile.TemporaryDirectory() as tmp:
             import soundfile as sf
 
             wav = os.path.join(tmp, "speech.wav")
             sf.write(wav, speech(seconds, args.audio), SAMPLE_RATE)
+            isqs = ["" if q == "none" else q for q in args.mistralrs_isq.split(",")]
             for name in names:
-                print(f"benchmarking peer {name} ...", file=sys.stderr)
-                peers.append(run_peer(name, str(path), wav, seconds, args.peer_python, args.peer_timeout,
-                                      args.mistralrs_isq))
+                for isq in isqs if name == "mistral.rs" else [""]:
+                    print(f"benchmarking peer {name} {isq} ...", file=sys.stderr)
+                    peers.append(run_peer(name, str(path), wav, seconds, args.peer_python, args.peer_timeout, isq))
     bf16_size = bf16_bytes(path)
     print(report(machine, results, peers, model_args, bf16_size))
     if args.json:

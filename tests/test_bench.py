@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from mlx_voxtral import bench
+
 from conftest import ROOT
 
 
@@ -51,3 +53,18 @@ def test_bench_reports_every_mode_and_failing_peers(tiny_checkpoint, tmp_path):
     for text in ("(bound)", "voxmlx", "host syncs per chunk", "graph building per decode step",
                  "beside a 8.0 s upload", "import mlx.core first"):
         assert text in r.stdout, text
+
+
+def test_peers_are_compared_at_matching_precision():
+    """Each mistral.rs run is set against our offline run at the precision its in-situ
+    quantization matches, at the same audio length; a failed peer is not compared."""
+    results = [{"backend": "cpu", "precision": p, "offline": {"60.0": {"rtfx": x}}} for p, x in (("4", 1.2), ("bf16", 0.5))]
+    peers = [{"peer": "mistral.rs", "precision": "ISQ as given (Q4K)", "matches": bench.MISTRALRS_MATCH["Q4K"],
+              "audio_s": 60.0, "rtfx": 0.5},
+             {"peer": "mistral.rs", "precision": "ISQ as given", "matches": bench.MISTRALRS_MATCH[""], "audio_s": 60.0,
+              "rtfx": 0.125},
+             {"peer": "mistral.rs", "precision": "ISQ as given (Q8_0)", "matches": "8", "audio_s": 60.0, "error": "x"}]
+    lines = bench.matched(results, peers)
+    assert len(lines) == 2
+    assert lines[0].endswith("cpu 4 RTFx 1.2 vs mistral.rs [ISQ as given (Q4K)] 0.5: 2.40x")
+    assert lines[1].endswith("cpu bf16 RTFx 0.5 vs mistral.rs [ISQ as given] 0.125: 4.00x")
