@@ -122,6 +122,37 @@ def test_attention_does_not_depend_on_the_chunking():
     assert np.array_equal(np.concatenate(parts), whole)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("window", [3, 50, 700])  # smaller than a chunk, between, past every key
+def test_attention_over_a_cache_does_not_depend_on_the_chunking(bf16, window):
+    """Streaming through a ``HostKVCache``: each chunk attends over the cache's buffer in
+    place, in its storage dtype (the ring compacted and reallocated along the way, heads a
+    capacity apart); the result must be the same bits as one block over the whole
+    (rounded) keys, and the bf16 bits read in place the same as their float32 values."""
+    from mlx_voxtral.cpu.cache import HostKVCache, from_bf16, to_bf16
+
+    rng = np.random.default_rng(window)
+    heads, kv_heads, total, d = 4, 2, 600, 32
+    q = rng.standard_normal((heads, total, d)).astype(np.float32)
+    k, v = (rng.standard_normal((kv_heads, total, d)).astype(np.float32) for _ in "kv")
+    if bf16:
+        k, v = (from_bf16(to_bf16(t)) for t in (k, v))
+    whole = native.attention(q, k, v, 0.2, window)
+    assert np.abs(whole - _attention_reference(q, k, v, 0.2, window)).max() < 1e-5
+    cache, parts, start = HostKVCache(window, bf16), [], 0
+    cache.slack = 20  # compact often
+    for n in [4, 4, 2, 60, *[4] * 40, 3, 130, *[2] * 50, 5, 132]:
+        kv = cache.extend(k[:, start : start + n], v[:, start : start + n])
+        assert kv[0].dtype == (np.uint16 if bf16 else np.float32)
+        parts.append(native.attention(q[:, start : start + n], *kv, 0.2, window))
+        if bf16:
+            assert np.array_equal(native.attention(q[:, start : start + n], *map(from_bf16, kv), 0.2, window),
+                                  parts[-1])
+        start += n
+    assert start == total
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
 @pytest.mark.parametrize("heads, kv_heads, keys, capacity, head_dim",
                          [(32, 8, 300, 512, 128), (4, 2, 3, 3, 48), (6, 1, 37, 40, 64), (5, 5, 1, 256, 16),
                           (8, 2, 129, 130, 32)])
