@@ -3,6 +3,7 @@ layers against the plain MLX modules."""
 
 from __future__ import annotations
 
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -175,6 +176,24 @@ def test_attention_rejects_unsupported_shapes():
     assert not native.attention_supported(24)
     with pytest.raises(ValueError, match="no native attention"):
         native.attention(*(np.zeros((2, 4, 24), np.float32) for _ in "qkv"), 1.0, 4)
+
+
+def test_gelu_matches_mlx():
+    """The native exact GELU against ``nn.gelu`` and float64: the special values alike, the
+    rest within float32 rounding of ``x (1 + erf)``. MLX's erf is a different
+    approximation, itself up to about 4 units of ``2**-24 |x|`` from the exact GELU."""
+    import mlx.nn as nn
+
+    x = np.random.default_rng(0).standard_normal((50, 1001)).astype(np.float32) * 4
+    x[0, :12] = [0.0, -0.0, 1e-30, -1e-30, 1e-40, 10, -10, 90, -90, 3e38, -3e38, np.inf]
+    got, ref = native.gelu(x), np.array(nn.gelu(mx.array(x)))
+    assert got.shape == x.shape and got.dtype == np.float32
+    finite = np.isfinite(ref)
+    assert np.array_equal(got[~finite], ref[~finite], equal_nan=True)
+    x64, got64 = x[finite].astype(np.float64), got[finite].astype(np.float64)
+    assert np.all(np.abs(got64 - ref[finite]) <= 6 * 2.0**-24 * np.abs(x64))
+    exact = x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2))) / 2
+    assert np.all(np.abs(got64 - exact) <= 2 * 2.0**-24 * np.abs(x64) + 1e-45)
 
 
 def test_read_sum():

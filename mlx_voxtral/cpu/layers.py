@@ -10,7 +10,7 @@ of quantized layers rounded to 8 bits per group), through ``mlx_voxtral.cpu.nati
   cache-sized tile at a time and multiply each tile with the BLAS;
 * attention over more than one query runs in a native sliding-window kernel, one query in
   another, both over the cache's buffers in place and in their storage precision; the SwiGLU
-  gate on all cores.
+  gate and the GELU on all cores.
 
 ``CPUEncoder``, ``CPUAdapter`` and ``CPUDecoder`` hold the loaded model's submodules (the same
 parameter tree, so weights load, save and replace as usual) and compute from their input to
@@ -120,8 +120,9 @@ def _projections(layers) -> Callable[[np.ndarray], list[np.ndarray]]:
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU of float32 rows, as ``nn.gelu`` computes it."""
-    return float_rows(nn.gelu(mx.array(x))).reshape(x.shape)
+    """Exact (erf) GELU of float32 rows, as ``nn.gelu`` computes it (to float32 rounding),
+    natively on all cores."""
+    return native.gelu(x)
 
 
 @functools.lru_cache(maxsize=16)

@@ -985,6 +985,14 @@ void mlx_voxtral_silu_mul(size_t n, const float* a, const float* b, float* y) {
   }
 }
 
+/* y = x (1 + erf(x / sqrt 2)) / 2 elementwise (the exact GELU, as MLX's nn.gelu writes it),
+   on all cores. */
+void mlx_voxtral_gelu(size_t n, const float* x, float* y) {
+  const float root2 = 1.41421356237309504880f;
+  #pragma omp parallel for schedule(static) if (n >= 16384)
+  for (size_t i = 0; i < n; i++) y[i] = x[i] * (1.0f + erff(x[i] / root2)) / 2.0f;
+}
+
 int mlx_voxtral_kernels(void) { return 1; }
 #else
 int mlx_voxtral_kernels(void) { return 0; }

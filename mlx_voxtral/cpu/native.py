@@ -371,6 +371,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window:
     return out
 
 
+def gelu(x: np.ndarray) -> np.ndarray:
+    """The exact (erf) GELU ``x (1 + erf(x / sqrt 2)) / 2`` of a float32 array, as MLX's
+    ``nn.gelu`` computes it (to float32 rounding), on all cores."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty_like(x)
+    _lib.mlx_voxtral_gelu(ctypes.c_size_t(x.size), x.ctypes.data_as(ctypes.c_void_p),
+                          y.ctypes.data_as(ctypes.c_void_p))
+    return y
+
+
 def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``silu(a) * b`` for float32 arrays of one shape (the SwiGLU gate), on all cores."""
     a, b = (np.ascontiguousarray(t, dtype=np.float32) for t in (a, b))
