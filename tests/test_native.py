@@ -3,6 +3,7 @@ layers against the plain MLX modules."""
 
 from __future__ import annotations
 
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -140,6 +141,37 @@ def test_attention_does_not_depend_on_the_chunking():
     assert np.array_equal(np.concatenate(parts), whole)
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("window", [3, 50, 700])  # smaller than a chunk, between, past every key
+def test_attention_over_a_cache_does_not_depend_on_the_chunking(bf16, window):
+    """Streaming through a ``HostKVCache``: each chunk attends over the cache's buffer in
+    place, in its storage dtype (the ring compacted and reallocated along the way, heads a
+    capacity apart); the result must be the same bits as one block over the whole
+    (rounded) keys, and the bf16 bits read in place the same as their float32 values."""
+    from mlx_voxtral.cpu.cache import HostKVCache, from_bf16, to_bf16
+
+    rng = np.random.default_rng(window)
+    heads, kv_heads, total, d = 4, 2, 600, 32
+    q = rng.standard_normal((heads, total, d)).astype(np.float32)
+    k, v = (rng.standard_normal((kv_heads, total, d)).astype(np.float32) for _ in "kv")
+    if bf16:
+        k, v = (from_bf16(to_bf16(t)) for t in (k, v))
+    whole = native.attention(q, k, v, 0.2, window)
+    assert np.abs(whole - _attention_reference(q, k, v, 0.2, window)).max() < 1e-5
+    cache, parts, start = HostKVCache(window, bf16), [], 0
+    cache.slack = 20  # compact often
+    for n in [4, 4, 2, 60, *[4] * 40, 3, 130, *[2] * 50, 5, 132]:
+        kv = cache.extend(k[:, start : start + n], v[:, start : start + n])
+        assert kv[0].dtype == (np.uint16 if bf16 else np.float32)
+        parts.append(native.attention(q[:, start : start + n], *kv, 0.2, window))
+        if bf16:
+            assert np.array_equal(native.attention(q[:, start : start + n], *map(from_bf16, kv), 0.2, window),
+                                  parts[-1])
+        start += n
+    assert start == total
+    assert np.array_equal(np.concatenate(parts), whole)
+
+
 @pytest.mark.parametrize("heads, kv_heads, keys, capacity, head_dim",
                          [(32, 8, 300, 512, 128), (4, 2, 3, 3, 48), (6, 1, 37, 40, 64), (5, 5, 1, 256, 16),
                           (8, 2, 129, 130, 32)])
@@ -162,6 +194,24 @@ def test_attention_rejects_unsupported_shapes():
     assert not native.attention_supported(24)
     with pytest.raises(ValueError, match="no native attention"):
         native.attention(*(np.zeros((2, 4, 24), np.float32) for _ in "qkv"), 1.0, 4)
+
+
+def test_gelu_matches_mlx():
+    """The native exact GELU against ``nn.gelu`` and float64: the special values alike, the
+    rest within float32 rounding of ``x (1 + erf)``. MLX's erf is a different
+    approximation, itself up to about 4 units of ``2**-24 |x|`` from the exact GELU."""
+    import mlx.nn as nn
+
+    x = np.random.default_rng(0).standard_normal((50, 1001)).astype(np.float32) * 4
+    x[0, :12] = [0.0, -0.0, 1e-30, -1e-30, 1e-40, 10, -10, 90, -90, 3e38, -3e38, np.inf]
+    got, ref = native.gelu(x), np.array(nn.gelu(mx.array(x)))
+    assert got.shape == x.shape and got.dtype == np.float32
+    finite = np.isfinite(ref)
+    assert np.array_equal(got[~finite], ref[~finite], equal_nan=True)
+    x64, got64 = x[finite].astype(np.float64), got[finite].astype(np.float64)
+    assert np.all(np.abs(got64 - ref[finite]) <= 6 * 2.0**-24 * np.abs(x64))
+    exact = x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2))) / 2
+    assert np.all(np.abs(got64 - exact) <= 2 * 2.0**-24 * np.abs(x64) + 1e-45)
 
 
 def test_read_sum():

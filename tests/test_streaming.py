@@ -358,14 +358,17 @@ def test_ring_cache_masks_and_slots():
 
 def test_host_kv_cache_keeps_its_window():
     """The CPU backend's numpy cache: a decode step writes in place into a ring, a chunk
-    attends to the last window - 1 cached positions and itself; keys round to bf16."""
+    attends to the last window - 1 cached positions and itself, read in place from the
+    cache's buffer (compacted or reallocated as chunks fill it); keys round to bf16; the
+    buffer stays within the window and a bounded slack."""
     from mlx_voxtral.cpu.cache import HostKVCache, from_bf16, to_bf16
 
     rng = np.random.default_rng(5)
+    chunks = [7, 1, 1, 40, *[1] * 290, 5, *[1] * 20, 400, 1, 2, *[4] * 150, 3, 1, 600, *[2] * 150, 299, 300, 301]
     for bf16 in (True, False):
         cache = HostKVCache(window=300, bf16=bf16)
         history = np.zeros((4, 0, 16), np.float32)
-        for n in [7, 1, 1, 40, *[1] * 290, 5, *[1] * 20, 400, 1, 2]:
+        for n in chunks:
             k = rng.standard_normal((4, n, 16)).astype(np.float32)
             stored = from_bf16(to_bf16(k)) if bf16 else k
             if n == 1:
@@ -376,10 +379,11 @@ def test_host_kv_cache_keeps_its_window():
                 assert sorted(map(tuple, ring[0])) == sorted(map(tuple, history[0]))
             else:
                 got, _ = cache.extend(k, k)
+                assert got.dtype == cache.keys.dtype and (n > 4 or np.shares_memory(got, cache.keys))
                 want = np.concatenate([history[:, -299:], stored], axis=1)
-                assert np.array_equal(got, want)
+                assert np.array_equal(cache.load(got), want)
                 history = want[:, -300:]
-        assert cache.keys.shape[1] == 300
+            assert len(cache) == history.shape[1] and cache.keys.shape[1] <= 300 + 2 * cache.slack
 
 
 def test_bf16_rounding_matches_mlx():

@@ -26,21 +26,31 @@ def from_bf16(b: np.ndarray) -> np.ndarray:
 class HostKVCache:
     """Keys and values of one attention layer for one stream, bounded by a sliding window.
 
-    Keys and values ``[H_kv, positions, D]`` are stored as bfloat16 bits (uint16) or float32.
+    Keys and values ``[H_kv, capacity, D]`` are stored as bfloat16 bits (uint16) or float32.
     Positions are absolute (``offset`` counts every position written; RoPE keeps growing while
-    at most ``window`` keys are kept). Single positions go into a ring buffer that grows in
-    steps of ``step`` up to the window; a chunk of several positions keeps the last
-    ``window - 1`` cached keys before it. New keys are rounded to the storage dtype before
-    they are used, so a position sees the same keys whether they are new or cached.
+    at most ``window`` keys are kept). New keys are rounded to the storage dtype before they
+    are used, so a position sees the same keys whether they are new or cached.
+
+    The buffers take one of two layouts, the one the last write needed:
+
+    * a ring for single positions (``append``, a decode step): the first ``len(self)`` slots,
+      in any order, growing in steps of ``step`` up to the window;
+    * a linear buffer for chunks (``extend``): the kept positions in temporal order, then
+      room for new ones. When a chunk does not fit, the last ``window - 1`` positions move to
+      the front (or to a new buffer, ``slack`` positions larger than needed), so a position
+      is copied about ``window / slack`` times while it is kept, whatever the chunk size. A
+      chunk larger than ``slack`` leaves a buffer of at most ``window + slack`` positions.
     """
 
     step = 256
+    slack = 256
 
     def __init__(self, window: int, bf16: bool):
         self.window = window
         self.bf16 = bf16
         self.offset = 0
-        self._idx = 0  # next ring slot; equals the filled length until the ring wraps
+        self._idx = 0  # ring: next slot; equals the filled length until the ring wraps
+        self._start: Optional[int] = None  # linear: slot of the oldest kept position
         self.keys: Optional[np.ndarray] = None
         self.values: Optional[np.ndarray] = None
 
@@ -55,16 +65,23 @@ class HostKVCache:
         return from_bf16(x) if self.bf16 else x
 
     def _ordered(self, x: np.ndarray) -> np.ndarray:
-        """The cached entries in temporal order."""
+        """The cached entries in temporal order (a view unless the ring has wrapped)."""
         n = len(self)
+        if self._start is not None:
+            return x[:, self._start : self._start + n]
         if n < self.window or self._idx in (0, self.window):
             return x[:, :n]
-        return np.concatenate([x[:, self._idx :], x[:, : self._idx]], axis=1)
+        return np.concatenate([x[:, self._idx : self.window], x[:, : self._idx]], axis=1)
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Store one position's float32 ``keys``/``values`` [H_kv, D]; attend to the first
         ``len(self)`` entries of ``self.keys``/``self.values`` (the ring, in any order)."""
         keys, values = self._store(keys), self._store(values)
+        if self._start is not None:  # linear -> ring: the kept positions to the front
+            n = len(self)
+            for t in (self.keys, self.values):
+                t[:, :n] = t[:, self._start : self._start + n]
+            self._start, self._idx = None, n
         capacity = 0 if self.keys is None else self.keys.shape[1]
         if self._idx >= capacity and capacity < self.window:
             grow = min(self.step, self.window - capacity)
@@ -79,21 +96,45 @@ class HostKVCache:
         self._idx += 1
 
     def extend(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store n positions' float32 ``keys``/``values`` [H_kv, n, D]; return the float32
-        keys and values they attend to: the last ``window - 1`` cached ones, in order, then
-        the new ones (rounded to the storage dtype)."""
+        """Store n positions' float32 ``keys``/``values`` [H_kv, n, D]; return the keys and
+        values they attend to, in the storage dtype (``load`` widens them): the last
+        ``window - 1`` cached ones, in order, then the new ones. They are views of the
+        buffers [H_kv, <= window - 1 + n, D] (positions contiguous, heads a capacity apart),
+        to be read before the next write."""
         new_k, new_v = self._store(keys), self._store(values)
-        if self.keys is None:
-            all_k, all_v = new_k, new_v
+        hkv, n, d = new_k.shape
+        kept = len(self)
+        past = min(kept, self.window - 1)
+        capacity = 0 if self.keys is None else self.keys.shape[1]
+        if self._start is not None and self._start + kept + n <= capacity:
+            begin = self._start + kept - past  # room left after the kept positions
+        elif self._start is not None and past + n <= capacity:
+            begin = 0  # compact: the last window - 1 positions to the front
+            for t in (self.keys, self.values):
+                t[:, :past] = t[:, self._start + kept - past : self._start + kept]
         else:
-            keep = self.window - 1
-            past_k, past_v = (self._ordered(t)[:, max(len(self) - keep, 0) :] for t in (self.keys, self.values))
-            all_k, all_v = np.concatenate([past_k, new_k], axis=1), np.concatenate([past_v, new_v], axis=1)
-        self.keys = np.ascontiguousarray(all_k[:, -self.window :])
-        self.values = np.ascontiguousarray(all_v[:, -self.window :])
-        self.offset += keys.shape[1]
-        self._idx = self.keys.shape[1]
-        return self.load(all_k), self.load(all_v)
+            begin = 0  # a new buffer (the first chunk, one larger than the room, or the ring's)
+            fresh = [np.empty((hkv, past + n + self.slack, d), new_k.dtype) for _ in "kv"]
+            if past:
+                for f, t in zip(fresh, (self.keys, self.values)):
+                    f[:, :past] = self._ordered(t)[:, kept - past :]
+            self.keys, self.values = fresh
+        end = begin + past + n
+        self.keys[:, begin + past : end] = new_k
+        self.values[:, begin + past : end] = new_v
+        out = self.keys[:, begin:end], self.values[:, begin:end]
+        self.offset += n
+        self._start = end - len(self)
+        if self.keys.shape[1] > self.window + 2 * self.slack:  # after a large chunk: shrink
+            self.keys, self.values = (self._smaller(t) for t in (self.keys, self.values))
+            self._start = 0
+        return out
+
+    def _smaller(self, x: np.ndarray) -> np.ndarray:
+        n = len(self)
+        y = np.empty((x.shape[0], n + self.slack, x.shape[2]), x.dtype)
+        y[:, :n] = x[:, self._start : self._start + n]
+        return y
 
     @property
     def nbytes(self) -> int:

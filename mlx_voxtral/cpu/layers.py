@@ -11,8 +11,9 @@ of quantized layers rounded to 8 bits per group), through ``mlx_voxtral.cpu.nati
   activations against tiles of the weights transposed in cache (VNNI), where the CPU has it;
 * other many-row products (float weights; quantized ones without VNNI) convert the weights
   to float32 a cache-sized tile at a time and multiply each tile with the BLAS;
-* attention over more than one query runs in a native sliding-window kernel, one query over
-  the bfloat16 cache in place, and the SwiGLU gate on all cores.
+* attention over more than one query runs in a native sliding-window kernel, one query in
+  another, both over the cache's buffers in place and in their storage precision; the SwiGLU
+  gate and the GELU on all cores.
 
 ``CPUEncoder``, ``CPUAdapter`` and ``CPUDecoder`` hold the loaded model's submodules (the same
 parameter tree, so weights load, save and replace as usual) and compute from their input to
@@ -35,7 +36,7 @@ from ..adapter import AudioAdapter
 from ..decoder import Decoder
 from ..encoder import AudioEncoder
 from ..layers import Attention, FeedForward
-from .cache import HostEncoderCache, HostKVCache, HostLayerCaches
+from .cache import HostEncoderCache, HostKVCache, HostLayerCaches, from_bf16
 
 
 def _memo(module: nn.Module, key: str, sources: list, make: Callable):
@@ -124,8 +125,9 @@ def _projections(layers, many: bool = False) -> Callable[[np.ndarray], list[np.n
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU of float32 rows, as ``nn.gelu`` computes it."""
-    return float_rows(nn.gelu(mx.array(x))).reshape(x.shape)
+    """Exact (erf) GELU of float32 rows, as ``nn.gelu`` computes it (to float32 rounding),
+    natively on all cores."""
+    return native.gelu(x)
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,11 +161,12 @@ def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int) -> np.ndarray:
     """Sliding-window causal attention of ``q`` [H, Sq, D] (the last Sq of the keys'
-    positions) over ``k``/``v`` [Hkv, Sk, D] -> [Sq, H * D]: the native kernel for head
-    sizes it takes, numpy otherwise."""
+    positions) over ``k``/``v`` [Hkv, Sk, D], float32 or bfloat16 bits (a cache's buffers,
+    read in place) -> [Sq, H * D]: the native kernel for head sizes it takes, numpy otherwise."""
     h, sq, d = q.shape
     if native.attention_supported(d):
         return native.attention(q, k, v, scale, window)
+    k, v = (from_bf16(t) if t.dtype == np.uint16 else t for t in (k, v))
     hkv, sk, _ = k.shape
     k, v = (np.repeat(t, h // hkv, axis=0) for t in (k, v))
     scores = np.einsum("hqd,hkd->hqk", q, k) * np.float32(scale)
@@ -181,7 +184,7 @@ def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache]
     (``lengths[i]`` rows of stream i, whose keys and values ``caches[i]`` keeps) -> [S, dim].
     q, k and v in one native pass, RoPE in numpy, many queries in the native sliding-window
     kernel (which never holds the [queries, keys] score matrix), one query (a decode step)
-    over the bfloat16 cache in place."""
+    over the ring in place; both read the cached keys and values in their storage precision."""
     layers = (attn.wq, attn.wk, attn.wv)
     sources = [a for layer in layers for a in _arrays(layer)]
     qkv = _memo(attn, ("qkv", many), sources, _projections(layers, many))
@@ -201,8 +204,8 @@ def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache]
             if cache.bf16 and native.attention_supported(D):
                 out = native.attention_one(qs[0], *kv, m, attn.scale)
             else:
-                out = _attend(qs.transpose(1, 0, 2), *(cache.load(t[:, :m]) for t in kv), attn.scale, m)
-        else:
+                out = _attend(qs.transpose(1, 0, 2), *(t[:, :m] for t in kv), attn.scale, m)
+        else:  # a chunk: over the cached window and itself, in the cache's buffers
             kv = cache.extend(ks.transpose(1, 0, 2), vs.transpose(1, 0, 2))
             out = _attend(qs.transpose(1, 0, 2), *kv, attn.scale, cache.window)
         outputs.append(out.reshape(n, H * D))

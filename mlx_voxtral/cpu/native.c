@@ -59,8 +59,10 @@ BF16_WIDEN(bf16x8, v8, v8h, v8u)
 /* a * b + c. The file is compiled with -ffp-contract=off, so every row of a result gets the
    same operations whatever other rows share the call (a stream's logits never depend on
    its batch); fused multiply-adds are explicit where the CPU has them. */
-#if defined(__FMA__) && defined(__AVX__)
+#if defined(__AVX__)
 #include <immintrin.h>
+#endif
+#if defined(__FMA__) && defined(__AVX__)
 INLINE v8 fma8(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 #else
 INLINE v8 fma8(v8 a, v8 b, v8 c) { return a * b + c; }
@@ -880,13 +882,16 @@ int mlx_voxtral_bf16mm(int count, int M, const int* Ns, int K, const float* x, c
   return 0;
 }
 
-/* ---- sliding-window causal attention (float32) ----
+/* ---- sliding-window causal attention over keys and values read in place ----
    Query i sits at key index p = Sk - Sq + i and attends to keys (p - window, p]. Every
    score is one fused multiply-add chain over the head dimension, every softmax sum and
    every output value runs over the row's own keys in increasing order, so a query's
    result does not depend on how many other queries share the call (streaming in 80 ms
-   steps gives the same bits as one offline block). Memory: one transposed copy of K and a
-   score tile per task, never the [Sq, Sk] matrix. */
+   steps gives the same bits as one offline block). Keys and values are float32 or
+   bfloat16 rows of D values, read where they lie (a cache's buffer: heads may lie further
+   apart than Sk rows). Each task (a head's block of queries) widens and transposes only
+   the keys its queries see into its own scratch and widens values as it reads them;
+   memory: that scratch and a score tile per task, never the [Sq, Sk] matrix. */
 #define ATT_ROWS 6    /* query rows per register tile */
 #define ATT_BLOCK 48  /* query rows per task */
 
@@ -928,14 +933,20 @@ INLINE float softmax_span(float* s, int n, float scale) {
   return 1.0f / (hsum(sum) + tail);
 }
 
+/* 8 float32 or bfloat16 values at p (element i of the row), as float32 */
+INLINE v8 row8(const int BF, const void* p, size_t i) {
+  return BF ? bf16x8((const uint16_t*)p + i) : load8((const float*)p + i);
+}
+
 /* out[r][0:16] = sum_t a[r][t] b[t][0:16] over t in [t0, t1): the R x 16 register tile of
-   both attention products (scores: a = q, b = K^T; values: a = probabilities, b = V). */
-INLINE void att_product(const int R, int t0, int t1, const float* a, int lda, const float* b, int ldb,
-                        float* out, int ldo) {
+   both attention products (scores: a = q, b = K^T; values: a = probabilities, b = V, of
+   float32 or bfloat16 rows when BF). */
+INLINE void att_product(const int R, const int BF, int t0, int t1, const float* a, int lda, const void* b,
+                        int ldb, float* out, int ldo) {
   v8 acc[ATT_ROWS][2];
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v8){0};
   for (int t = t0; t < t1; t++) {
-    v8 b0 = load8(b + (size_t)t * ldb), b1 = load8(b + (size_t)t * ldb + 8);
+    v8 b0 = row8(BF, b, (size_t)t * ldb), b1 = row8(BF, b, (size_t)t * ldb + 8);
     for (int r = 0; r < R; r++) {
       v8 ab = (v8){0} + a[(size_t)r * lda + t];
       acc[r][0] = fma8(ab, b0, acc[r][0]);
@@ -948,14 +959,16 @@ INLINE void att_product(const int R, int t0, int t1, const float* a, int lda, co
   }
 }
 
-/* One register tile of R rows: scores over the tile's keys, softmax per row, values. */
-INLINE void att_tile(const int R, int D, int window, float scale, int pos0, int jlo, const float* q,
-                     const float* kt, int ldk, const float* v, float* s, int lds, float* out, int ldo) {
+/* One register tile of R rows: scores over the tile's keys, softmax per row, values. kt
+   (transposed, ldk apart) and v start at the task's first key jlo. */
+INLINE void att_tile(const int R, const int BF, int D, int window, float scale, int pos0, int jlo,
+                     const float* q, const float* kt, int ldk, const void* v, float* s, int lds, float* out,
+                     int ldo) {
   int lo0 = pos0 - window + 1 > jlo ? pos0 - window + 1 - jlo : 0; /* first row's first key */
   int hi = pos0 + R - 1 - jlo;                                       /* last row's last key */
   int jb0 = lo0 & ~15;
   for (int jb = jb0; jb <= hi; jb += 16)
-    att_product(R, 0, D, q, D, kt + jlo + jb, ldk, s + jb, lds);
+    att_product(R, 0, 0, D, q, D, kt + jb, ldk, s + jb, lds);
   float inv[ATT_ROWS];
   for (int r = 0; r < R; r++) {
     float* sr = s + (size_t)r * lds;
@@ -964,55 +977,92 @@ INLINE void att_tile(const int R, int D, int window, float scale, int pos0, int 
     for (j = lo0; j < a; j++) sr[j] = 0.0f;
     for (j = b; j <= hi; j++) sr[j] = 0.0f;
   }
-  for (int dd = 0; dd < D; dd += 16)
-    att_product(R, lo0, hi + 1, s, lds, v + (size_t)jlo * D + dd, D, out + dd, ldo);
+  for (int dd = 0; dd < D; dd += 16) {
+    const void* vd = BF ? (const void*)((const uint16_t*)v + dd) : (const void*)((const float*)v + dd);
+    att_product(R, BF, lo0, hi + 1, s, lds, vd, D, out + dd, ldo);
+  }
   for (int r = 0; r < R; r++)
     for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] *= inv[r];
 }
 
-/* out [Sq, H, D] = attention of q [H, Sq, D] over k, v [Hkv, Sk, D] (H a multiple of Hkv,
-   D a multiple of 16, Sq <= Sk). Returns nonzero when out of memory or unsupported. */
-int mlx_voxtral_attention(int H, int Hkv, int Sq, int Sk, int D, int window, float scale,
-                          const float* q, const float* k, const float* v, float* out) {
-  if (D % 16 || H % Hkv || Sq > Sk || window < 1) return 1;
-  int ldk = Sk + 16;  /* tiles read up to 15 keys past the last one */
-  float* kt = malloc(sizeof(float) * (size_t)Hkv * D * ldk);
-  if (!kt) return 2;
-  #pragma omp parallel for schedule(static)
-  for (int hd = 0; hd < Hkv * D; hd++) {
-    const float* src = k + (size_t)(hd / D) * Sk * D + hd % D;
-    float* dst = kt + (size_t)hd * ldk;
-    for (int j = 0; j < Sk; j++) dst[j] = src[(size_t)j * D];
-    memset(dst + Sk, 0, sizeof(float) * (ldk - Sk));
+/* kt[d * ldk + j] = k[j * D + d] as float32 for keys j < n (float32 or bfloat16 rows of D,
+   D a multiple of 8), zeros for j in [n, ldk): 8 x 8 blocks transposed in registers. */
+INLINE void widen_transpose(const int BF, int n, int D, const void* k, float* kt, int ldk) {
+  int j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    for (int d = 0; d < D; d += 8) {
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; i++) r[i] = (__m256)row8(BF, k, (size_t)(j + i) * D + d);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(kt + (size_t)(d + i) * ldk + j, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(kt + (size_t)(d + i + 4) * ldk + j, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+#endif
+  for (; j < n; j++)
+    for (int d = 0; d < D; d++)
+      kt[(size_t)d * ldk + j] = BF ? bf16_to_f32(((const uint16_t*)k)[(size_t)j * D + d]) : ((const float*)k)[(size_t)j * D + d];
+  for (int d = 0; d < D; d++) memset(kt + (size_t)d * ldk + n, 0, sizeof(float) * (ldk - n));
+}
+
+INLINE int att_task(const int BF, int H, int Hkv, int Sq, int Sk, int D, int window, float scale, const float* q,
+                    const void* k, size_t ldhk, const void* v, size_t ldhv, float* out, int h, int i0, int i1) {
+  int p0 = Sk - Sq + i0;  /* key index of the block's first query */
+  int jlo = p0 - window + 1 > 0 ? p0 - window + 1 : 0;
+  int n = Sk - Sq + i1 - jlo;  /* keys the block sees: [jlo, jlo + n) */
+  int ldk = (n + 31) & ~15;    /* tiles read up to 15 keys past the last one */
+  int lds = ldk;
+  float* kt = malloc(sizeof(float) * ((size_t)D * ldk + (size_t)ATT_ROWS * lds));
+  if (!kt) return 1;
+  float* s = kt + (size_t)D * ldk;
+  size_t es = BF ? 2 : 4, hk = (size_t)(h / (H / Hkv));
+  const char* kh = (const char*)k + (hk * ldhk + (size_t)jlo * D) * es;
+  const char* vh = (const char*)v + (hk * ldhv + (size_t)jlo * D) * es;
+  widen_transpose(BF, n, D, kh, kt, ldk);
+  for (int i = i0; i < i1; i += ATT_ROWS) {
+    const float* qi = q + ((size_t)h * Sq + i) * D;
+    float* oi = out + ((size_t)i * H + h) * D;
+    int pos = Sk - Sq + i, ldo = H * D;
+    switch (i1 - i < ATT_ROWS ? i1 - i : ATT_ROWS) {
+      case 1: att_tile(1, BF, D, window, scale, pos, jlo, qi, kt, ldk, vh, s, lds, oi, ldo); break;
+      case 2: att_tile(2, BF, D, window, scale, pos, jlo, qi, kt, ldk, vh, s, lds, oi, ldo); break;
+      case 3: att_tile(3, BF, D, window, scale, pos, jlo, qi, kt, ldk, vh, s, lds, oi, ldo); break;
+      case 4: att_tile(4, BF, D, window, scale, pos, jlo, qi, kt, ldk, vh, s, lds, oi, ldo); break;
+      case 5: att_tile(5, BF, D, window, scale, pos, jlo, qi, kt, ldk, vh, s, lds, oi, ldo); break;
+      default: att_tile(6, BF, D, window, scale, pos, jlo, qi, kt, ldk, vh, s, lds, oi, ldo); break;
+    }
   }
+  free(kt);
+  return 0;
+}
+
+/* out [Sq, H, D] = attention of q [H, Sq, D] over k, v [Hkv, Sk, D] (H a multiple of Hkv,
+   D a multiple of 16, Sq <= Sk), float32 or bfloat16 bits (bf16 nonzero), kv head h's
+   rows starting ldhk / ldhv elements after head h - 1's. Returns nonzero when out of
+   memory or unsupported. */
+int mlx_voxtral_attention(int H, int Hkv, int Sq, int Sk, int D, int window, float scale, const float* q,
+                          int bf16, const void* k, size_t ldhk, const void* v, size_t ldhv, float* out) {
+  if (D % 16 || H % Hkv || Sq > Sk || Sq < 1 || window < 1) return 1;
   int blocks = (Sq + ATT_BLOCK - 1) / ATT_BLOCK, failed = 0;
   #pragma omp parallel for schedule(dynamic)
   for (int t = 0; t < H * blocks; t++) {
     int h = t / blocks, i0 = (t % blocks) * ATT_BLOCK;
     int i1 = i0 + ATT_BLOCK < Sq ? i0 + ATT_BLOCK : Sq;
-    int p0 = Sk - Sq + i0;  /* key index of the block's first query */
-    int jlo = p0 - window + 1 > 0 ? p0 - window + 1 : 0;
-    int lds = ((Sk - Sq + i1 - jlo) + 31) & ~15;
-    float* s = malloc(sizeof(float) * (size_t)ATT_ROWS * lds);
-    if (!s) { failed = 1; continue; }
-    const float* kth = kt + (size_t)(h / (H / Hkv)) * D * ldk;
-    const float* vh = v + (size_t)(h / (H / Hkv)) * Sk * D;
-    for (int i = i0; i < i1; i += ATT_ROWS) {
-      const float* qi = q + ((size_t)h * Sq + i) * D;
-      float* oi = out + ((size_t)i * H + h) * D;
-      int pos = Sk - Sq + i, ldo = H * D;
-      switch (i1 - i < ATT_ROWS ? i1 - i : ATT_ROWS) {
-        case 1: att_tile(1, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
-        case 2: att_tile(2, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
-        case 3: att_tile(3, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
-        case 4: att_tile(4, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
-        case 5: att_tile(5, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
-        default: att_tile(6, D, window, scale, pos, jlo, qi, kth, ldk, vh, s, lds, oi, ldo); break;
-      }
-    }
-    free(s);
+    int bad = bf16 ? att_task(1, H, Hkv, Sq, Sk, D, window, scale, q, k, ldhk, v, ldhv, out, h, i0, i1)
+                   : att_task(0, H, Hkv, Sq, Sk, D, window, scale, q, k, ldhk, v, ldhv, out, h, i0, i1);
+    if (bad) failed = 1;
   }
-  free(kt);
   return failed ? 2 : 0;
 }
 
@@ -1177,6 +1227,14 @@ void mlx_voxtral_silu_mul(size_t n, const float* a, const float* b, float* y) {
     float x = a[i], e = exp1(x < 0 ? x : -x);
     y[i] = x * ((x < 0 ? e : 1.0f) / (e + 1.0f)) * b[i];
   }
+}
+
+/* y = x (1 + erf(x / sqrt 2)) / 2 elementwise (the exact GELU, as MLX's nn.gelu writes it),
+   on all cores. */
+void mlx_voxtral_gelu(size_t n, const float* x, float* y) {
+  const float root2 = 1.41421356237309504880f;
+  #pragma omp parallel for schedule(static) if (n >= 16384)
+  for (size_t i = 0; i < n; i++) y[i] = x[i] * (1.0f + erff(x[i] / root2)) / 2.0f;
 }
 
 int mlx_voxtral_kernels(void) { return 1; }

@@ -339,20 +339,53 @@ def attention_supported(head_dim: int) -> bool:
     return head_dim % 16 == 0
 
 
+def _kv_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` [Hkv, S, D] as float32 or bfloat16 bits (uint16) whose positions are rows of D
+    contiguous values, D apart (heads may lie further apart): no copy when it is already so."""
+    if x.dtype not in (np.float32, np.uint16):
+        x = x.astype(np.float32)
+    item = x.itemsize
+    if x.strides[2] != item or x.strides[1] != x.shape[2] * item or x.strides[0] % item or x.strides[0] < 0:
+        x = np.ascontiguousarray(x)
+    return x
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int) -> np.ndarray:
-    """Sliding-window causal attention: float32 ``q`` [H, Sq, D], ``k``/``v`` [Hkv, Sk, D]
-    (the queries are the last ``Sq`` keys' positions) -> ``[Sq, H * D]``."""
-    q, k, v = (np.ascontiguousarray(t, dtype=np.float32) for t in (q, k, v))
+    """Sliding-window causal attention: float32 ``q`` [H, Sq, D] over keys and values
+    ``k``/``v`` [Hkv, Sk, D] (the queries are the last ``Sq`` keys' positions) -> ``[Sq, H * D]``.
+
+    ``k`` and ``v`` are float32, or bfloat16 bits (uint16, both alike); they are read in place
+    where each position's D values are contiguous and positions D apart (a view of a
+    ``HostKVCache``'s buffer, whose heads lie its capacity apart), copied otherwise. A query's
+    result depends only on its own keys, never on the other queries of the call."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k, v = _kv_rows(k), _kv_rows(v)
+    if k.dtype != v.dtype or k.shape != v.shape:
+        raise ValueError(f"keys {k.dtype} {k.shape} and values {v.dtype} {v.shape} differ")
     h, sq, d = q.shape
     hkv, sk, _ = k.shape
     out = np.empty((sq, h * d), np.float32)
-    pointers = [t.ctypes.data_as(ctypes.c_void_p) for t in (q, k, v, out)]
-    status = _lib.mlx_voxtral_attention(h, hkv, sq, sk, d, min(window, sk), ctypes.c_float(scale), *pointers)
+    ld = [ctypes.c_size_t(t.strides[0] // t.itemsize) for t in (k, v)]
+    status = _lib.mlx_voxtral_attention(h, hkv, sq, sk, d, min(window, sk), ctypes.c_float(scale),
+                                        q.ctypes.data_as(ctypes.c_void_p), int(k.dtype == np.uint16),
+                                        k.ctypes.data_as(ctypes.c_void_p), ld[0],
+                                        v.ctypes.data_as(ctypes.c_void_p), ld[1],
+                                        out.ctypes.data_as(ctypes.c_void_p))
     if status == 1:
         raise ValueError(f"no native attention for {h} heads over {hkv}, {sq} queries, {sk} keys, head size {d}")
     if status:
         raise MemoryError("no memory for the attention scratch")
     return out
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """The exact (erf) GELU ``x (1 + erf(x / sqrt 2)) / 2`` of a float32 array, as MLX's
+    ``nn.gelu`` computes it (to float32 rounding), on all cores."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.empty_like(x)
+    _lib.mlx_voxtral_gelu(ctypes.c_size_t(x.size), x.ctypes.data_as(ctypes.c_void_p),
+                          y.ctypes.data_as(ctypes.c_void_p))
+    return y
 
 
 def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
