@@ -200,7 +200,8 @@ def measure_machine(precisions: list[str], backends: list[str]) -> dict:
         "blas": native.blas,
         "native_kernels": has_cpu,
         "memory_bandwidth_gbs": round(memory_bandwidth(), 2),
-        # fp32 (the BLAS) is the CPU backend's bound: every precision computes in float32 there
+        # every precision through what multiplies it (on the CPU backend 4/8-bit weights in
+        # integers, the others in float32 with the BLAS), and fp32 for reference
         "matmul_gflops": {
             b: {p: round(matmul_throughput(p, b), 1) for p in dict.fromkeys(["fp32", *precisions])}
             for b in backends
@@ -778,7 +779,9 @@ def report(machine: dict, results: list[dict], peers: list[dict], args: ModelArg
             continue
         costs = model_costs(args, r["precision"])
         decode_bound = 1000 * costs["decode_step_bytes"] / (bw * 1e9)
-        gf = max(machine["matmul_gflops"].get(r["backend"], {0: 0}).values())
+        # the arithmetic the precision runs on (integer tiles for 4/8-bit on the CPU backend)
+        measured = machine["matmul_gflops"].get(r["backend"], {})
+        gf = measured.get(r["precision"]) or measured.get("fp32")
         enc_bound = costs["encoder_flops_per_audio_s"] / (gf * 1e9) if gf else None
         if r["import_first"] != "mlx_voxtral":
             o = next(iter(r["offline"].values()))
