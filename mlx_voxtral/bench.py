@@ -158,19 +158,27 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return best
 
 
-def matmul_throughput(precision: str, backend: str, m: int = 1024, k: int = 3072, n: int = 3072) -> float:
-    """GFLOP/s of ``x @ W.T`` with float32 ``x`` and the precision's weights, through what
-    the backend multiplies with (the CPU backend's kernels over its BLAS, or MLX)."""
+def probe_layer(precision: str, k: int, n: int):
+    """A random linear layer [n, k] in ``precision``, as loading quantizes one."""
     import mlx.core as mx
     import mlx.nn as nn
 
     layer = nn.Linear(k, n, bias=False)
     _, bits, mode = PRECISIONS[precision]
-    if bits:
-        nn.quantize(layer, group_size=64 if mode == "affine" else None, bits=bits, mode=mode)
+    if bits:  # (nn.quantize swaps a model's children, never the module it is given)
+        layer = nn.QuantizedLinear.from_linear(layer, group_size=64 if mode == "affine" else None, bits=bits, mode=mode)
     elif precision in ("bf16", "stored"):
         layer.weight = layer.weight.astype(mx.bfloat16)
     mx.eval(layer.parameters())
+    return layer
+
+
+def matmul_throughput(precision: str, backend: str, m: int = 1024, k: int = 3072, n: int = 3072) -> float:
+    """GFLOP/s of ``x @ W.T`` with float32 ``x`` and the precision's weights, through what
+    the backend multiplies with (the CPU backend's kernels over its BLAS, or MLX)."""
+    import mlx.core as mx
+
+    layer = probe_layer(precision, k, n)
     if backend == "cpu":
         from .cpu.layers import linear_rows
 

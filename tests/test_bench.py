@@ -68,3 +68,16 @@ def test_peers_are_compared_at_matching_precision():
     assert len(lines) == 2
     assert lines[0].endswith("cpu 4 RTFx 1.2 vs mistral.rs [ISQ as given (Q4K)] 0.5: 2.40x")
     assert lines[1].endswith("cpu bf16 RTFx 0.5 vs mistral.rs [ISQ as given] 0.125: 4.00x")
+
+
+def test_matmul_probe_multiplies_the_precision_it_names():
+    """The machine's matmul figures (the encoder's bound) come from a layer in the named
+    precision: quantized widths are quantized layers (a bare Linear given to nn.quantize
+    stays float, which had every width measure float32)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    for precision, bits in (("4", 4), ("8", 8), ("mxfp4", 4)):
+        layer = bench.probe_layer(precision, 256, 64)
+        assert isinstance(layer, nn.QuantizedLinear) and layer.bits == bits
+    assert bench.probe_layer("bf16", 256, 64).weight.dtype == mx.bfloat16
