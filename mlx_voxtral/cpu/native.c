@@ -385,61 +385,12 @@ QINT_DEF(8, 1) QINT_DEF(8, 2) QINT_DEF(8, 3) QINT_DEF(8, 4)
 typedef void (*qint_fn)(int, int, int, int, int, int, const int8_t*, const float*, const float*, const uint32_t*,
                         const void*, const void*, int, const int*, float*);
 
-/* qmv_int_part for rows of whole blocks with the scales' dtype fixed: the same operations on
-   the vectors, without the per-block index arithmetic and branches of the general kernel
-   (which were 45 of its 55 instructions per block: a decode step's matvecs ran at 40 GB/s,
-   bound by instructions, where the memory gives 54). */
-INLINE void qint_whole(const int R, const int bits, const int sbf16, int m0, int n, int N, int K, int Kp, int G,
-                       const int8_t* xq, const float* xl, const float* xs, const uint32_t* row, const void* scales,
-                       const void* biases, const int* half_group, float* y) {
-  const int vpw = 32 / bits, blocks = K / vpw / QBLOCK, KG = K / G, blk = QBLOCK * vpw;
-  const uint16_t* sh = (const uint16_t*)scales + (size_t)n * KG;
-  const float* sf = (const float*)scales + (size_t)n * KG;
-  const __m512i nib = _mm512_set1_epi8(15);
-  const int8_t* xr[4];
-  const float* lr[4];
-  for (int r = 0; r < R; r++) xr[r] = xq + (size_t)(m0 + r) * Kp, lr[r] = xl + (size_t)(m0 + r) * blocks * QBLOCK;
-  v16 tot[4] = {0};
-  for (int t = 0; t < blocks; t++) {
-    prefetch_ahead(row + t * QBLOCK);
-    __m512i wv = _mm512_loadu_si512(row + t * QBLOCK);
-    int ga = half_group[2 * t], gb = half_group[2 * t + 1];
-    float sa = sbf16 ? bf16_to_f32(sh[ga]) : sf[ga], sb = sbf16 ? bf16_to_f32(sh[gb]) : sf[gb];
-    v16 sv = (v16)_mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(sa)), _mm256_set1_ps(sb), 1);
-    __m512i lo = bits == 4 ? _mm512_and_si512(wv, nib) : wv;
-    __m512i hi = bits == 4 ? _mm512_and_si512(_mm512_srli_epi16(wv, 4), nib) : wv;
-    for (int r = 0; r < R; r++) {
-      const int8_t* xb = xr[r] + (size_t)t * blk;
-      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xb));
-      if (bits == 4) acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xb + 64));
-      v16 scale = sv * load16(lr[r] + (size_t)t * QBLOCK);
-      tot[r] = fma16(scale, (v16)_mm512_cvtepi32_ps(acc), tot[r]);
-    }
-  }
-  qfinish(R, m0, n, N, KG, xs, biases, sbf16, tot, y);
-}
-
-#define QW_DEF(bits, R, b) \
-  static __attribute__((noinline)) void qw_##bits##_##R##_##b(int m0, int n, int N, int K, int Kp, int G, \
-      const int8_t* xq, const float* xl, const float* xs, const uint32_t* row, const void* scales, \
-      const void* biases, int bf16, const int* half_group, float* y) { \
-    (void)bf16; \
-    qint_whole(R, bits, b, m0, n, N, K, Kp, G, xq, xl, xs, row, scales, biases, half_group, y); \
-  }
-QW_DEF(4, 1, 0) QW_DEF(4, 2, 0) QW_DEF(4, 3, 0) QW_DEF(4, 4, 0)
-QW_DEF(4, 1, 1) QW_DEF(4, 2, 1) QW_DEF(4, 3, 1) QW_DEF(4, 4, 1)
-QW_DEF(8, 1, 0) QW_DEF(8, 2, 0) QW_DEF(8, 3, 0) QW_DEF(8, 4, 0)
-QW_DEF(8, 1, 1) QW_DEF(8, 2, 1) QW_DEF(8, 3, 1) QW_DEF(8, 4, 1)
-
 static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t* xq, const float* xl,
                       const float* xs, const uint32_t* w, const void* scales, const void* biases, int bf16,
                       const int* half_group, float* y) {
   static const qint_fn fns[2][4] = {{qint_4_1, qint_4_2, qint_4_3, qint_4_4}, {qint_8_1, qint_8_2, qint_8_3, qint_8_4}};
-  static const qint_fn whole[2][2][4] = {
-      {{qw_4_1_0, qw_4_2_0, qw_4_3_0, qw_4_4_0}, {qw_4_1_1, qw_4_2_1, qw_4_3_1, qw_4_4_1}},
-      {{qw_8_1_0, qw_8_2_0, qw_8_3_0, qw_8_4_0}, {qw_8_1_1, qw_8_2_1, qw_8_3_1, qw_8_4_1}}};
+  const qint_fn* f = fns[bits == 8];
   int words = K / (32 / bits);
-  const qint_fn* f = words % QBLOCK ? fns[bits == 8] : whole[bits == 8][bf16 != 0];
   #pragma omp for schedule(static) nowait
   for (int n = 0; n < N; n++)
     for (int m0 = 0; m0 < M; m0 += 4)
@@ -522,7 +473,7 @@ static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const v
 INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, int cols, const int8_t* xg,
                     const float* xd, const float* xs, const uint32_t* wt, const float* st, const float* bt,
                     float* y) {
-  const int vpw = 32 / bits, words = K / vpw, KG = K / G, wpg = G / vpw;
+  const int vpw = 32 / bits, KG = K / G, wpg = G / vpw;
   const __m512i nib = _mm512_set1_epi8(15);
   v16 tot[QG_ROWS][2];
   for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = (v16){0};
@@ -572,7 +523,6 @@ INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, in
       memcpy(yr, out, sizeof(float) * cols);
     }
   }
-  (void)words;
 }
 
 #define QG_DEF(bits, R) \
