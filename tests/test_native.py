@@ -67,8 +67,16 @@ def test_integer_tiles(bits, group_size, k, n):
     tiles = native.Matmuls([(wq, scales, biases)], group_size, bits, many=True)
     y = tiles(x)[0]
     assert _rel(y, ref) < 1e-5
+    assert tiles.tiles_nbytes == 0  # many rows transpose the tiles in cache
     for rows in (slice(69, 70), slice(3, 7), slice(0, 13)):
         assert np.array_equal(tiles(x[rows])[0], y[rows])
+    # a few rows lay the tiles out once (where the CPU has VNNI) and read them from then on
+    laid_out = tiles.tiles_nbytes
+    assert laid_out == 0 or laid_out >= wq.nbytes
+    fresh = native.Matmuls([(wq, scales, biases)], group_size, bits, many=True)
+    assert np.array_equal(fresh(x[:4])[0], y[:4])
+    assert fresh.tiles_nbytes == laid_out
+    assert np.array_equal(fresh(x)[0], y)
 
 
 def test_unsupported_group_is_reported():

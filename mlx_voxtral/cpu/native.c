@@ -408,6 +408,9 @@ static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t
    tiling or the other rows, so a row's result does not depend on its batch or chunking. */
 #define QG_COLS 32
 #define QG_ROWS 6
+#ifndef QG_PF
+#define QG_PF 48 /* words (128 bytes each) ahead in a laid-out tile: 6 KB, as the decoder's reads */
+#endif
 #ifndef QG_AHEAD
 #define QG_AHEAD 64 /* words: each of the 16 rows' reads asked for 4 lines ahead */
 #endif
@@ -481,6 +484,9 @@ INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, in
     __m512i acc[QG_ROWS][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     for (int w = g * wpg; w < (g + 1) * wpg; w++) {
+      /* a laid-out tile streams from memory: ask for its lines QG_PF words ahead */
+      __builtin_prefetch(wt + (size_t)(w + QG_PF) * QG_COLS, 0, 0);
+      __builtin_prefetch(wt + (size_t)(w + QG_PF) * QG_COLS + 16, 0, 0);
       __m512i v0 = _mm512_loadu_si512(wt + (size_t)w * QG_COLS), v1 = _mm512_loadu_si512(wt + (size_t)w * QG_COLS + 16);
       if (bits == 4) {
         __m512i l0 = _mm512_and_si512(v0, nib), h0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nib);
@@ -503,6 +509,10 @@ INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, in
         }
       }
     }
+    __builtin_prefetch(st + (size_t)(g + 4) * QG_COLS, 0, 0);
+    __builtin_prefetch(st + (size_t)(g + 4) * QG_COLS + 16, 0, 0);
+    __builtin_prefetch(bt + (size_t)(g + 4) * QG_COLS, 0, 0);
+    __builtin_prefetch(bt + (size_t)(g + 4) * QG_COLS + 16, 0, 0);
     v16 s0 = load16(st + (size_t)g * QG_COLS), s1 = load16(st + (size_t)g * QG_COLS + 16);
     v16 b0 = load16(bt + (size_t)g * QG_COLS), b1 = load16(bt + (size_t)g * QG_COLS + 16);
     for (int r = 0; r < R; r++) {
@@ -552,7 +562,7 @@ static void qg_layout(int M, int K, int bits, const int8_t* xi, int8_t* xg) {
    without memory for the scratch. */
 static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const int8_t* xg, const float* xd,
                  const float* xs, const uint32_t* const* ws, const void* const* scales_, const void* const* biases_,
-                 int bf16, float* const* ys) {
+                 int bf16, const uint32_t* const* packed_w, const float* const* packed_s, float* const* ys) {
   static const qg_fn fns[2][QG_ROWS] = {{qg_4_1, qg_4_2, qg_4_3, qg_4_4, qg_4_5, qg_4_6},
                                         {qg_8_1, qg_8_2, qg_8_3, qg_8_4, qg_8_5, qg_8_6}};
   const qg_fn* f = fns[bits == 8];
@@ -560,27 +570,63 @@ static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const 
   for (int i = 0; i < count; i++) tasks += (Ns[i] + QG_COLS - 1) / QG_COLS;
   #pragma omp parallel
   {
-    uint32_t* wt = malloc(sizeof(uint32_t) * (size_t)words * QG_COLS);
-    float* st = malloc(sizeof(float) * (size_t)KG * QG_COLS * 2);
-    if (!wt || !st) failed = 1;
-    #pragma omp for schedule(dynamic)
+    uint32_t* scratch = packed_w ? NULL : malloc(sizeof(uint32_t) * (size_t)words * QG_COLS);
+    float* scratch_s = packed_w ? NULL : malloc(sizeof(float) * (size_t)KG * QG_COLS * 2);
+    if (!packed_w && (!scratch || !scratch_s)) failed = 1;
+    /* static: each thread streams one contiguous run of tiles (laid-out tiles for 4 rows
+       from memory: 13-16 ms per 32 encoder layers against 17-21 dynamic, BENCHMARKS.md) */
+    #pragma omp for schedule(static)
     for (int t = 0; t < tasks; t++) {
-      if (!wt || !st) continue;
+      if (!packed_w && (!scratch || !scratch_s)) continue;
       int i = 0, tile = t;
       while (tile >= (Ns[i] + QG_COLS - 1) / QG_COLS) tile -= (Ns[i++] + QG_COLS - 1) / QG_COLS;
       int N = Ns[i], n0 = tile * QG_COLS, cols = N - n0 < QG_COLS ? N - n0 : QG_COLS;
-      qg_tile(n0, N, words, KG, ws[i], scales_[i], biases_[i], bf16, wt, st, st + (size_t)KG * QG_COLS);
+      const uint32_t* wt = scratch;
+      const float* st = scratch_s;
+      if (packed_w) {  /* the tile as qg_pack laid it out once */
+        wt = packed_w[i] + (size_t)tile * words * QG_COLS;
+        st = packed_s[i] + (size_t)tile * KG * QG_COLS * 2;
+      } else {
+        qg_tile(n0, N, words, KG, ws[i], scales_[i], biases_[i], bf16, scratch, scratch_s,
+                scratch_s + (size_t)KG * QG_COLS);
+      }
       for (int m0 = 0; m0 < M; m0 += QG_ROWS) {
         int R = M - m0 < QG_ROWS ? M - m0 : QG_ROWS;
         f[R - 1](K, G, N, n0, cols, xg + (size_t)m0 * K, xd + (size_t)m0 * KG, xs + (size_t)m0 * KG, wt, st,
                  st + (size_t)KG * QG_COLS, ys[i] + (size_t)m0 * N);
       }
     }
-    free(wt), free(st);
+    free(scratch), free(scratch_s);
   }
   return failed ? 2 : 0;
 }
 #endif
+
+/* The integer tiles of a 4/8-bit matrix w [N, K] laid out once, as qgemm would transpose
+   them on every call: tile t's words at wt + t * words * QG_COLS, its float32 scales and
+   biases at st + t * KG * QG_COLS * 2 (the N rows padded to whole tiles with zeros). The
+   many-row products then read them as they are, which for a few rows (a live stream's
+   encoder) spares the transposes that would otherwise cost more than the products. Returns
+   the tile width, or 0 where the CPU has no VNNI (no tiles) or the format is not taken. */
+int mlx_voxtral_qg_pack(int N, int K, int G, int bits, const uint32_t* w, const void* scales, const void* biases,
+                        int bf16, uint32_t* wt, float* st) {
+#if QVNNI
+  int vpw = 32 / bits;
+  if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 0;
+  if (!wt || !st) return QG_COLS;
+  int words = K / vpw, KG = K / G, tiles = (N + QG_COLS - 1) / QG_COLS;
+  #pragma omp parallel for schedule(dynamic)
+  for (int t = 0; t < tiles; t++) {
+    float* s = st + (size_t)t * KG * QG_COLS * 2;
+    qg_tile(t * QG_COLS, N, words, KG, w, scales, biases, bf16, wt + (size_t)t * words * QG_COLS, s,
+            s + (size_t)KG * QG_COLS);
+  }
+  return QG_COLS;
+#else
+  (void)N, (void)K, (void)G, (void)bits, (void)w, (void)scales, (void)biases, (void)bf16, (void)wt, (void)st;
+  return 0;
+#endif
+}
 
 /* x with each block's values reordered (value vpw * i + j of a block, word i slot j, goes
    to j * 16 + i) so that one unpacked slot of 16 words meets 16 contiguous values; rows
@@ -639,15 +685,18 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
    few-row kernels of all matrices share one parallel region (threads move to the next
    matrix without waiting). Up to MANY_ROWS rows go through the few-row kernels FEW_ROWS
    at a time (integer with VNNI unless allow_integer is 0, else float), more (every M when
-   `many` is set) through the integer tiles with VNNI, else float tiles and the BLAS. Returns nonzero for an unsupported format,
-   2 without memory for the scratch. */
+   `many` is set) through the integer tiles with VNNI, else float tiles and the BLAS. The
+   tiles are read from packed_w/packed_s (mlx_voxtral_qg_pack's layout of each matrix) where
+   those are given, else transposed per call. Returns nonzero for an unsupported format, 2
+   without memory for the scratch. */
 #ifndef MANY_ROWS
 #define MANY_ROWS 64
 #endif
 
 int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, const float* x,
                     const uint32_t* const* ws, const void* const* scales_, const void* const* biases_, int bf16,
-                    int allow_integer, int many, float* const* ys) {
+                    int allow_integer, int many, const uint32_t* const* packed_w, const float* const* packed_s,
+                    float* const* ys) {
   int vpw = 32 / bits, KG = K / G;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
@@ -674,7 +723,7 @@ int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, con
 #if QVNNI
   if (tiles) {
     qg_layout(M, K, bits, xi, xk);
-    status = qgemm(count, M, Ns, K, G, bits, xk, xd, xs, ws, scales_, biases_, bf16, ys);
+    status = qgemm(count, M, Ns, K, G, bits, xk, xd, xs, ws, scales_, biases_, bf16, packed_w, packed_s, ys);
     goto done;
   }
   if (integer) {

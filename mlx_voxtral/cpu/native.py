@@ -247,7 +247,12 @@ class Matmuls:
     ``many``: quantized weights take the many-row integer kernel whatever the number of rows
     (where the CPU has VNNI), so that a row's result does not depend on how many rows a call
     brings (the encoder's: streamed audio in 80 ms steps equals one offline block); otherwise
-    up to ``MANY_ROWS`` rows take the few-row kernels, which stream the weights once.
+    up to ``MANY_ROWS`` rows take the few-row kernels, which stream the weights once. The
+    first call of such a product with up to ``MANY_ROWS`` rows lays its weights out in the
+    kernel's tiles once (a second copy: the weights' size plus float32 scales and biases, kept
+    for as long as the object lives), and every later call reads those instead of transposing
+    the weights again: for a few rows the transposes cost more than the products. The tiles
+    hold the same values in the same order, so the results are the same bits.
     """
 
     def __init__(self, weights, group_size: int = 0, bits: int = 0, many: bool = False):
@@ -264,6 +269,36 @@ class Matmuls:
         if quantized:
             self.pointers += [_pointers([w[1] for w in weights]), _pointers([w[2] for w in weights])]
             self.scales_bf16 = int(weights[0][1].itemsize == 2)
+        self._tiles: Optional[list] = None  # the weights in the integer tiles' layout, once laid out
+        self._tile_pointers = [None, None]
+        self._tiles_lock = threading.Lock()
+
+    def _lay_out_tiles(self) -> None:
+        """Lay the quantized weights out in the many-row integer kernel's tiles (where the CPU
+        has VNNI and the format is taken; otherwise nothing changes)."""
+        with self._tiles_lock:
+            if self._tiles is not None:
+                return
+            g, bits, k = self.group_size, self.bits, self.k
+            cols = _lib.mlx_voxtral_qg_pack(0, k, g, bits, None, None, None, 0, None, None)
+            tiles = []
+            if cols:
+                for n, w, s, b in zip(self.ns, *self.pointers):
+                    count = -(-n // cols)
+                    wt = np.empty(count * cols * k * bits // 32, np.uint32)
+                    st = np.empty(count * cols * (k // g) * 2, np.float32)
+                    _lib.mlx_voxtral_qg_pack(n, k, g, bits, ctypes.c_void_p(w), ctypes.c_void_p(s),
+                                             ctypes.c_void_p(b), self.scales_bf16,
+                                             wt.ctypes.data_as(ctypes.c_void_p), st.ctypes.data_as(ctypes.c_void_p))
+                    tiles.append((wt, st))
+                self._tile_pointers = [(ctypes.c_void_p * len(tiles))(*(t.ctypes.data for t, _ in tiles)),
+                                       (ctypes.c_void_p * len(tiles))(*(s.ctypes.data for _, s in tiles))]
+            self._tiles = tiles
+
+    @property
+    def tiles_nbytes(self) -> int:
+        """Bytes of the tiled copy of the weights (0 until one is laid out)."""
+        return sum(t.nbytes + s.nbytes for t, s in self._tiles or [])
 
     def __call__(self, x: np.ndarray, integer: bool = True) -> list[np.ndarray]:
         x = _rows(x)
@@ -280,8 +315,10 @@ class Matmuls:
             if _lib.mlx_voxtral_bf16mm(len(ys), m, self.ns, k, xp, self.pointers[0], out):
                 raise MemoryError("no memory for a weight tile")
             return ys
+        if self.many and integer and m <= MANY_ROWS and self._tiles is None:
+            self._lay_out_tiles()
         status = _lib.mlx_voxtral_qmm(len(ys), m, self.ns, k, self.group_size, self.bits, xp, *self.pointers,
-                                      self.scales_bf16, int(integer), int(self.many), out)
+                                      self.scales_bf16, int(integer), int(self.many), *self._tile_pointers, out)
         if status == 1:
             raise ValueError(f"no native kernel for {self.bits}-bit weights with group size {self.group_size}")
         if status:
