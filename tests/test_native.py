@@ -149,9 +149,10 @@ def test_attention_does_not_depend_on_the_chunking():
     assert np.array_equal(np.concatenate(parts), whole)
 
 
+@pytest.mark.parametrize("d", [32, 64])  # 64: the values in one pass (the encoder's head size)
 @pytest.mark.parametrize("bf16", [True, False])
 @pytest.mark.parametrize("window", [3, 50, 700])  # smaller than a chunk, between, past every key
-def test_attention_over_a_cache_does_not_depend_on_the_chunking(bf16, window):
+def test_attention_over_a_cache_does_not_depend_on_the_chunking(bf16, window, d):
     """Streaming through a ``HostKVCache``: each chunk attends over the cache's buffer in
     place, in its storage dtype (the ring compacted and reallocated along the way, heads a
     capacity apart); the result must be the same bits as one block over the whole
@@ -159,7 +160,7 @@ def test_attention_over_a_cache_does_not_depend_on_the_chunking(bf16, window):
     from mlx_voxtral.cpu.cache import HostKVCache, from_bf16, to_bf16
 
     rng = np.random.default_rng(window)
-    heads, kv_heads, total, d = 4, 2, 600, 32
+    heads, kv_heads, total = 4, 2, 600
     q = rng.standard_normal((heads, total, d)).astype(np.float32)
     k, v = (rng.standard_normal((kv_heads, total, d)).astype(np.float32) for _ in "kv")
     if bf16:

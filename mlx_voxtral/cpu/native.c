@@ -148,6 +148,8 @@ INLINE v16 fma16(v16 a, v16 b, v16 c) {
   return join8(fma8(lo8(a), lo8(b), lo8(c)), fma8(hi8(a), hi8(b), hi8(c)));
 }
 #endif
+typedef uint16_t v16h __attribute__((vector_size(32)));
+BF16_WIDEN(bf16x16, v16, v16h, v16u)
 #define Q(v, shift, mask) __builtin_convertvector((v16i)(((v) >> (shift)) & (mask)), v16)
 /* Slot value times 2^shift, one integer op fewer than Q (exact: a few significant bits);
    the few-row kernels meet it with x scaled by 2^-shift, so the products are q x exactly. */
@@ -958,6 +960,28 @@ INLINE void att_product(const int R, const int BF, int t0, int t1, const float* 
   }
 }
 
+/* out[r][0:64] = sum_t a[r][t] v[t][0:64] over t in [t0, t1) for a head size of 64: every
+   dimension in one pass over the keys, each value row read once (att_product, 16
+   dimensions a pass, reads them four times). Each output is att_product's chain, the same
+   fused multiply-add per key in key order, so the bits are the same. */
+INLINE void att_values64(const int R, const int BF, int t0, int t1, const float* a, int lda, const void* v,
+                         float* out, int ldo) {
+  v16 acc[ATT_ROWS][4];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < 4; c++) acc[r][c] = (v16){0};
+  for (int t = t0; t < t1; t++) {
+    v16 x[4];
+    for (int c = 0; c < 4; c++)
+      x[c] = BF ? bf16x16((const uint16_t*)v + (size_t)t * 64 + 16 * c) : load16((const float*)v + (size_t)t * 64 + 16 * c);
+    for (int r = 0; r < R; r++) {
+      v16 p = (v16){0} + a[(size_t)r * lda + t];
+      for (int c = 0; c < 4; c++) acc[r][c] = fma16(p, x[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < 4; c++) memcpy(out + (size_t)r * ldo + 16 * c, &acc[r][c], 64);
+}
+
 /* One register tile of R rows: scores over the tile's keys, softmax per row, values. kt
    (transposed, ldk apart) and v start at the task's first key jlo. */
 INLINE void att_tile(const int R, const int BF, int D, int window, float scale, int pos0, int jlo,
@@ -976,20 +1000,34 @@ INLINE void att_tile(const int R, const int BF, int D, int window, float scale, 
     for (j = lo0; j < a; j++) sr[j] = 0.0f;
     for (j = b; j <= hi; j++) sr[j] = 0.0f;
   }
-  for (int dd = 0; dd < D; dd += 16) {
-    const void* vd = BF ? (const void*)((const uint16_t*)v + dd) : (const void*)((const float*)v + dd);
-    att_product(R, BF, lo0, hi + 1, s, lds, vd, D, out + dd, ldo);
-  }
+  if (D == 64) att_values64(R, BF, lo0, hi + 1, s, lds, v, out, ldo);
+  else
+    for (int dd = 0; dd < D; dd += 16) {
+      const void* vd = BF ? (const void*)((const uint16_t*)v + dd) : (const void*)((const float*)v + dd);
+      att_product(R, BF, lo0, hi + 1, s, lds, vd, D, out + dd, ldo);
+    }
   for (int r = 0; r < R; r++)
     for (int d = 0; d < D; d++) out[(size_t)r * ldo + d] *= inv[r];
 }
 
 /* kt[d * ldk + j] = k[j * D + d] as float32 for keys j < n (float32 or bfloat16 rows of D,
    D a multiple of 8), zeros for j in [n, ldk): 8 x 8 blocks transposed in registers. */
-INLINE void widen_transpose(const int BF, int n, int D, const void* k, float* kt, int ldk) {
+#ifndef ATT_AHEAD
+#define ATT_AHEAD 32 /* keys: how far ahead the transpose asks for the cached keys' rows */
+#endif
+INLINE void widen_transpose(const int BF, int n, int D, const void* k, const void* v, float* kt, int ldk) {
   int j = 0;
+  size_t row = (size_t)D * (BF ? 2 : 4);
 #if defined(__AVX__)
-  for (; j + 8 <= n; j += 8)
+  for (; j + 8 <= n; j += 8) {
+    /* the cache's rows come from memory (a chunk reads the whole window once, cold): ask
+       for the keys ATT_AHEAD rows ahead and for these rows' values (read next, by the
+       products), so that the misses overlap instead of one row at a time */
+    for (int i = 0; i < 8; i++)
+      for (size_t b = 0; b < row; b += 64) {
+        if (j + ATT_AHEAD + i < n) __builtin_prefetch((const char*)k + (size_t)(j + ATT_AHEAD + i) * row + b, 0, 3);
+        __builtin_prefetch((const char*)v + (size_t)(j + i) * row + b, 0, 2);
+      }
     for (int d = 0; d < D; d += 8) {
       __m256 r[8], t[8], u[8];
       for (int i = 0; i < 8; i++) r[i] = (__m256)row8(BF, k, (size_t)(j + i) * D + d);
@@ -1008,6 +1046,7 @@ INLINE void widen_transpose(const int BF, int n, int D, const void* k, float* kt
         _mm256_storeu_ps(kt + (size_t)(d + i + 4) * ldk + j, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
       }
     }
+  }
 #endif
   for (; j < n; j++)
     for (int d = 0; d < D; d++)
@@ -1028,7 +1067,7 @@ INLINE int att_task(const int BF, int H, int Hkv, int Sq, int Sk, int D, int win
   size_t es = BF ? 2 : 4, hk = (size_t)(h / (H / Hkv));
   const char* kh = (const char*)k + (hk * ldhk + (size_t)jlo * D) * es;
   const char* vh = (const char*)v + (hk * ldhv + (size_t)jlo * D) * es;
-  widen_transpose(BF, n, D, kh, kt, ldk);
+  widen_transpose(BF, n, D, kh, vh, kt, ldk);
   for (int i = i0; i < i1; i += ATT_ROWS) {
     const float* qi = q + ((size_t)h * Sq + i) * D;
     float* oi = out + ((size_t)i * H + h) * D;
@@ -1071,8 +1110,6 @@ int mlx_voxtral_attention(int H, int Hkv, int Sq, int Sk, int D, int window, flo
    is one task: scores for its H / Hkv query heads two keys at a time, softmax, then the
    values 32 dimensions at a time over tiles of keys. */
 
-typedef uint16_t v16h __attribute__((vector_size(32)));
-BF16_WIDEN(bf16x16, v16, v16h, v16u)
 
 /* The totals of 4 vectors (a transposing tree: a third of the instructions of 4 hsum16) */
 INLINE void hsum16x4(const v16* a, float* out) {
