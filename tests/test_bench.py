@@ -81,3 +81,21 @@ def test_matmul_probe_multiplies_the_precision_it_names():
         layer = bench.probe_layer(precision, 256, 64)
         assert isinstance(layer, nn.QuantizedLinear) and layer.bits == bits
     assert bench.probe_layer("bf16", 256, 64).weight.dtype == mx.bfloat16
+
+
+def test_kernel_timings_run_the_live_encoder_shapes(capsys):
+    """``benchmarks/kernels.py`` (the live chunk's encoder kernels, timed) runs end to end and
+    reports both ways of reading the weights and every query count asked for."""
+    from conftest import require_cpu_backend
+
+    require_cpu_backend()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernels
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert kernels.main(["--layers", "2", "--dim", "128", "--hidden", "256", "--heads", "2", "--window", "40",
+                         "--queries", "1,4", "--repeats", "1"]) == 0
+    mm, att = capsys.readouterr().out.splitlines()
+    assert mm.startswith("2 layers' 4-bit matmuls, 4 rows: per call ") and ", laid out " in mm
+    assert att.startswith("2 layers' chunked attention over 40 keys: 1 queries ") and ", 4 queries " in att
