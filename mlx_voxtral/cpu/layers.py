@@ -9,6 +9,7 @@ of quantized layers rounded to 8 bits per group), through ``mlx_voxtral.cpu.nati
 * quantized weights times more rows (and the encoder's and adapter's at any number of rows,
   so that streamed audio gives the bits of one offline block) multiply in integers, 8-bit
   activations against tiles of the weights transposed in cache (VNNI), where the CPU has it;
+  once a call brings a few rows (a live chunk), the tiles are laid out once and kept;
 * other many-row products (float weights; quantized ones without VNNI) convert the weights
   to float32 a cache-sized tile at a time and multiply each tile with the BLAS;
 * attention over more than one query runs in a native sliding-window kernel, one query in
