@@ -83,19 +83,17 @@ def test_matmul_probe_multiplies_the_precision_it_names():
     assert bench.probe_layer("bf16", 256, 64).weight.dtype == mx.bfloat16
 
 
-def test_kernel_timings_run_the_live_encoder_shapes(capsys):
-    """``benchmarks/kernels.py`` (the live chunk's encoder kernels, timed) runs end to end and
-    reports both ways of reading the weights and every query count asked for."""
+def test_kernel_timings_run_the_live_encoder_shapes(tmp_path):
+    """``benchmarks/kernels.py`` (the live chunk's encoder kernels, timed) runs end to end as a
+    user runs it and reports both ways of reading the weights and every query count asked for.
+    (Run as a script: an installed package named ``kernels`` would shadow it on import.)"""
     from conftest import require_cpu_backend
 
     require_cpu_backend()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import kernels
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    assert kernels.main(["--layers", "2", "--dim", "128", "--hidden", "256", "--heads", "2", "--window", "40",
-                         "--queries", "1,4", "--repeats", "1"]) == 0
-    mm, att = capsys.readouterr().out.splitlines()
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--layers", "2", "--dim", "128",
+                        "--hidden", "256", "--heads", "2", "--window", "40", "--queries", "1,4", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    mm, att = r.stdout.splitlines()
     assert mm.startswith("2 layers' 4-bit matmuls, 4 rows: per call ") and ", laid out " in mm
     assert att.startswith("2 layers' chunked attention over 40 keys: 1 queries ") and ", 4 queries " in att
