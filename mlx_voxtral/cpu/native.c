@@ -42,6 +42,8 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 #define INLINE static inline __attribute__((always_inline))
 INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, 32); return v; }
+/* x in every lane: one broadcast ((v8){0} + x is an add, then the broadcast) */
+INLINE v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 INLINE float hsum(v8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 INLINE float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 /* bfloat16 -> float32 vectors: the bits moved to the top half of each lane */
@@ -128,6 +130,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 INLINE v16 load16(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
+INLINE v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 /* Halves and joins by shuffles where the compiler has them (GCC 12, clang): with memcpy an
    address taken kept the totals in memory, a store and a load per block on their chain.
    Older GCCs get the memcpy forms (correct, slower). */
@@ -920,8 +923,20 @@ INLINE float exp1(float x) { v8 v = exp8((v8){0} + x); return v[0]; }
 /* s[0:n] = exp((s - max s) scale), unnormalized; returns 1 / their sum. The sum runs in 8
    lanes from s[0], so it depends only on the span's values. */
 INLINE float softmax_span(float* s, int n, float scale) {
+  /* the maximum in 8 lanes (one serial compare per score was a fifth of a live chunk's
+     attention): the same value in any order, up to the sign of a zero, which s - m keeps */
   float m = s[0];
-  for (int j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
+  int j0 = 0;
+  if (n >= 8) {
+    v8 m8 = load8(s);
+    for (j0 = 8; j0 + 8 <= n; j0 += 8) {
+      v8 x = load8(s + j0);
+      v8i gt = x > m8;
+      m8 = (v8)(((v8i)x & gt) | ((v8i)m8 & ~gt));
+    }
+    for (int i = 0; i < 8; i++) m = m8[i] > m ? m8[i] : m;
+  }
+  for (int j = j0; j < n; j++) m = s[j] > m ? s[j] : m;
   v8 sum = (v8){0};
   int j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -949,7 +964,7 @@ INLINE void att_product(const int R, const int BF, int t0, int t1, const float* 
   for (int t = t0; t < t1; t++) {
     v8 b0 = row8(BF, b, (size_t)t * ldb), b1 = row8(BF, b, (size_t)t * ldb + 8);
     for (int r = 0; r < R; r++) {
-      v8 ab = (v8){0} + a[(size_t)r * lda + t];
+      v8 ab = splat8(a[(size_t)r * lda + t]);
       acc[r][0] = fma8(ab, b0, acc[r][0]);
       acc[r][1] = fma8(ab, b1, acc[r][1]);
     }
@@ -957,6 +972,38 @@ INLINE void att_product(const int R, const int BF, int t0, int t1, const float* 
   for (int r = 0; r < R; r++) {
     memcpy(out + (size_t)r * ldo, &acc[r][0], 32);
     memcpy(out + (size_t)r * ldo + 8, &acc[r][1], 32);
+  }
+}
+
+/* att_product's scores (a = q, b = K^T in float32) with the 16 keys in one 16-lane
+   vector: the same multiply-add per lane and t, so the same bits, in half the
+   instructions (the scores were most of a live chunk's attention). */
+INLINE void att_scores16(const int R, int D, const float* q, const float* kt, int ldk, float* out, int ldo) {
+  v16 acc[ATT_ROWS];
+  for (int r = 0; r < R; r++) acc[r] = (v16){0};
+  for (int t = 0; t < D; t++) {
+    v16 b = load16(kt + (size_t)t * ldk);
+    for (int r = 0; r < R; r++) acc[r] = fma16(splat16(q[(size_t)r * D + t]), b, acc[r]);
+  }
+  for (int r = 0; r < R; r++) memcpy(out + (size_t)r * ldo, &acc[r], 64);
+}
+
+/* att_scores16 for the 32 keys of two adjacent blocks: twice the independent chains (R of
+   them were bound by the multiply-add's latency), the same bits. */
+INLINE void att_scores32(const int R, int D, const float* q, const float* kt, int ldk, float* out, int ldo) {
+  v16 acc[ATT_ROWS][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v16){0};
+  for (int t = 0; t < D; t++) {
+    v16 b0 = load16(kt + (size_t)t * ldk), b1 = load16(kt + (size_t)t * ldk + 16);
+    for (int r = 0; r < R; r++) {
+      v16 a = splat16(q[(size_t)r * D + t]);
+      acc[r][0] = fma16(a, b0, acc[r][0]);
+      acc[r][1] = fma16(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    memcpy(out + (size_t)r * ldo, &acc[r][0], 64);
+    memcpy(out + (size_t)r * ldo + 16, &acc[r][1], 64);
   }
 }
 
@@ -974,7 +1021,7 @@ INLINE void att_values64(const int R, const int BF, int t0, int t1, const float*
     for (int c = 0; c < 4; c++)
       x[c] = BF ? bf16x16((const uint16_t*)v + (size_t)t * 64 + 16 * c) : load16((const float*)v + (size_t)t * 64 + 16 * c);
     for (int r = 0; r < R; r++) {
-      v16 p = (v16){0} + a[(size_t)r * lda + t];
+      v16 p = splat16(a[(size_t)r * lda + t]);
       for (int c = 0; c < 4; c++) acc[r][c] = fma16(p, x[c], acc[r][c]);
     }
   }
@@ -990,8 +1037,9 @@ INLINE void att_tile(const int R, const int BF, int D, int window, float scale, 
   int lo0 = pos0 - window + 1 > jlo ? pos0 - window + 1 - jlo : 0; /* first row's first key */
   int hi = pos0 + R - 1 - jlo;                                       /* last row's last key */
   int jb0 = lo0 & ~15;
-  for (int jb = jb0; jb <= hi; jb += 16)
-    att_product(R, 0, 0, D, q, D, kt + jb, ldk, s + jb, lds);
+  int jb = jb0;
+  for (; jb + 16 <= hi; jb += 32) att_scores32(R, D, q, kt + jb, ldk, s + jb, lds);
+  if (jb <= hi) att_scores16(R, D, q, kt + jb, ldk, s + jb, lds);
   float inv[ATT_ROWS];
   for (int r = 0; r < R; r++) {
     float* sr = s + (size_t)r * lds;
@@ -1167,7 +1215,7 @@ INLINE void one_values_part(const int G, const int C, int d0, int j0, int j1, in
     const uint16_t* vj = v + (size_t)j * D + d0;
     for (int c = 0; c < C; c++) x[c] = bf16x16(vj + 16 * c);
     for (int g = 0; g < G; g++) {
-      v16 p = (v16){0} + s[(size_t)g * n + j];
+      v16 p = splat16(s[(size_t)g * n + j]);
       for (int c = 0; c < C; c++) acc[g][c] = fma16(p, x[c], acc[g][c]);
     }
   }
