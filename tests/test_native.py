@@ -240,6 +240,51 @@ def test_silu_mul():
         native.silu_mul(a, b[:3])
 
 
+@pytest.mark.parametrize("n", [9216, 70_001])
+def test_silu_mul_on_one_core_and_all_the_same(n):
+    """Below the threshold the gate runs on one core, above it on all: the same values."""
+    rng = np.random.default_rng(n)
+    a, b = (rng.standard_normal(n).astype(np.float32) * 4 for _ in "ab")
+    y = native.silu_mul(a, b)
+    assert np.array_equal(y[:4096], native.silu_mul(a[:4096], b[:4096]))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 700])
+def test_native_rope_has_numpy_bits(rows):
+    """RoPE on interleaved pairs with every product rounded: numpy's float32 arithmetic
+    exactly, on one core (a decode position) and on all (an encoder block)."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 32, 64)).astype(np.float32)
+    angles = rng.uniform(-10, 10, (rows, 32))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    ref = np.empty_like(x)
+    ref[..., 0::2] = even * cos[:, None] - odd * sin[:, None]
+    ref[..., 1::2] = even * sin[:, None] + odd * cos[:, None]
+    assert np.array_equal(native.rope(x, cos, sin), ref)
+    with pytest.raises(ValueError, match="angles"):
+        native.rope(x, cos[:, :3], sin[:, :3])
+
+
+def test_native_rms_norm():
+    """RMS norm (times an optional scale, one for all rows or one per row) against float64,
+    and a row's bits the same alone as among others (a streamed row meets offline's)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 1283)).astype(np.float32) * 3
+    w, s = rng.standard_normal(1283).astype(np.float32), rng.standard_normal((300, 1283)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5) * w
+    for scale, want in ((None, ref), (s[0], ref * s[0]), (s, ref * s)):
+        y = native.rms_norm(x, w, 1e-5, scale)
+        assert np.abs(y - want).max() < 1e-5 * np.abs(want).max()
+        one = native.rms_norm(x[7:8], w, 1e-5, None if scale is None else scale if scale.ndim == 1 else scale[7:8])
+        assert np.array_equal(one, y[7:8])
+    with pytest.raises(ValueError, match="a norm of"):
+        native.rms_norm(x, w[:5], 1e-5)
+    with pytest.raises(ValueError, match="a scale of"):
+        native.rms_norm(x, w, 1e-5, s[:3])
+
+
 @pytest.mark.parametrize("shape", [(1, 3072, 2000), (5, 700, 300), (8, 64, 4096), (40, 128, 96)])
 def test_float32_matmul(shape):
     """float32 weights: few rows in the native kernel, one row and many rows in the BLAS."""

@@ -133,31 +133,24 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _rope_angles(offset: int, n: int, d: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [n, 1, d / 2] of positions ``offset ..`` (float64 angles): every layer of a
+    """cos and sin [n, d / 2] of positions ``offset ..`` (float64 angles): every layer of a
     step asks for the same ones."""
     angles = np.arange(offset, offset + n, dtype=np.float64)[:, None] * theta ** (-np.arange(0, d, 2) / d)
-    return tuple(f(angles).astype(np.float32)[:, None] for f in (np.cos, np.sin))
+    return tuple(f(angles).astype(np.float32) for f in (np.cos, np.sin))
 
 
 def rope(x: np.ndarray, offset: int, theta: float) -> np.ndarray:
     """RoPE on interleaved pairs (MLX's ``traditional=True``) of float32 ``x`` [n, heads, D]
-    at positions ``offset .. offset + n - 1``; angles in float64 (a decode position costs a
-    tenth of an ``mx.fast.rope`` evaluation on the CPU)."""
+    at positions ``offset .. offset + n - 1``; angles in float64, natively."""
     n, _, d = x.shape
-    cos, sin = _rope_angles(offset, n, d, theta)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out
+    return native.rope(x, *_rope_angles(offset, n, d, theta))
 
 
-def rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
-    """``norm`` (MLX's ``x * rsqrt(mean(x^2) + eps) * weight``) of float32 rows, in numpy (one
-    row costs a tenth of an MLX evaluation)."""
+def rms_norm(x: np.ndarray, norm: nn.RMSNorm, scale: Optional[np.ndarray] = None) -> np.ndarray:
+    """``norm`` (MLX's ``x * rsqrt(mean(x^2) + eps) * weight``) of float32 rows, natively,
+    then times ``scale`` where given (a decoder layer's ada scale)."""
     weight = _memo(norm, "weight", [norm.weight], lambda: np.array(norm.weight.astype(mx.float32)))
-    r = 1 / np.sqrt(np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1]) + np.float32(norm.eps))
-    return x * r * weight
+    return native.rms_norm(x, weight, norm.eps, scale)
 
 
 def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int) -> np.ndarray:
@@ -228,8 +221,7 @@ def layer_rows(layer, x: np.ndarray, caches: Sequence[HostKVCache], lengths: Seq
     float32 rows; ``scale`` is a decoder layer's ada scale of its FFN norm; ``many`` as in
     ``_matmuls`` (the encoder's)."""
     x = x + attention_rows(layer.attention, rms_norm(x, layer.attention_norm), caches, lengths, many)
-    h = rms_norm(x, layer.ffn_norm)
-    return x + feed_forward_rows(layer.feed_forward, h if scale is None else h * scale, many)
+    return x + feed_forward_rows(layer.feed_forward, rms_norm(x, layer.ffn_norm, scale), many)
 
 
 def _conv_rows(conv, x: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

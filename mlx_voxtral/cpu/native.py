@@ -435,6 +435,41 @@ def silu_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return y
 
 
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE on interleaved pairs (MLX's ``traditional=True``) of float32 ``x`` [rows, heads, D]
+    at each row's angles, float32 ``cos``/``sin`` [rows, D / 2]: ``x[2i] c - x[2i+1] s``,
+    ``x[2i] s + x[2i+1] c``, every product rounded as numpy rounds it."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, heads, d = x.shape
+    cos, sin = (np.ascontiguousarray(t, dtype=np.float32) for t in (cos, sin))
+    if d % 2 or cos.shape != (rows, d // 2) or sin.shape != cos.shape:
+        raise ValueError(f"angles {cos.shape} for rows {x.shape}")
+    y = np.empty_like(x)
+    _lib.mlx_voxtral_rope(ctypes.c_size_t(rows), heads, d, *(ctypes.c_void_p(t.ctypes.data) for t in (x, cos, sin, y)))
+    return y
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, scale: Optional[np.ndarray] = None) -> np.ndarray:
+    """``x / sqrt(mean(x^2) + eps) * weight`` for float32 rows ``x`` [rows, K] and ``weight``
+    [K], then times ``scale`` ([K] for every row, or [rows, K]) where given; a row's result
+    is the same whatever the other rows."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, k = x.shape
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    if weight.shape != (k,):
+        raise ValueError(f"a norm of {weight.shape} for rows of {k}")
+    ld = 0
+    if scale is not None:
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        if scale.shape not in ((k,), (rows, k)):
+            raise ValueError(f"a scale of {scale.shape} for rows {x.shape}")
+        ld = k if scale.ndim == 2 else 0
+    y = np.empty_like(x)
+    p = [None if t is None else ctypes.c_void_p(t.ctypes.data) for t in (x, weight, scale, y)]
+    _lib.mlx_voxtral_rms_norm(ctypes.c_size_t(rows), k, p[0], p[1], ctypes.c_float(eps), p[2], ctypes.c_size_t(ld), p[3])
+    return y
+
+
 def attention_one(q: np.ndarray, k, v, n: int, scale: float) -> np.ndarray:
     """One query per head over a bfloat16 KV cache: float32 ``q`` [H, D]; ``k``/``v`` the
     cache's row-contiguous bfloat16 buffers [..., Hkv, capacity, D] (a ``HostKVCache``'s
