@@ -53,13 +53,15 @@ def test_quantized_matmul(rows, bits, group_size, k, scale_dtype, integer):
     assert _rel(native.quantized_matmul(x, wq, scales, biases, group_size, bits, integer), ref) < 1e-5
 
 
+@pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("bits, group_size, k, n", [(4, 64, 576, 77), (4, 128, 512, 40), (8, 32, 320, 33), (8, 64, 1280, 64)])
-def test_integer_tiles(bits, group_size, k, n):
+def test_integer_tiles(bits, group_size, k, n, scale_dtype):
     """``many``: every number of rows through the integer tiles (columns past a whole tile,
-    rows past a whole register tile), each row's result the bits it has alone."""
+    rows past a whole register tile), each row's result the bits it has alone; the tiles
+    laid out keep the scales and biases in their own precision."""
     w = mx.random.normal((n, k), key=mx.random.key(k)) * 0.05
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-    scales, biases = scales.astype(mx.bfloat16), biases.astype(mx.bfloat16)
+    scales, biases = scales.astype(scale_dtype), biases.astype(scale_dtype)
     mx.eval(wq, scales, biases)
     deq = np.array(mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits))
     x = np.random.default_rng(n).standard_normal((70, k)).astype(np.float32)
@@ -77,6 +79,9 @@ def test_integer_tiles(bits, group_size, k, n):
     assert np.array_equal(fresh(x[:4])[0], y[:4])
     assert fresh.tiles_nbytes == laid_out
     assert np.array_equal(fresh(x)[0], y)
+    if laid_out:
+        words = laid_out - sum(st.nbytes for _, st in fresh._tiles)
+        assert {st.itemsize for _, st in fresh._tiles} == {scales.itemsize} and words >= wq.nbytes
 
 
 def test_unsupported_group_is_reported():

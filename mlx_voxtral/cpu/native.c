@@ -448,9 +448,10 @@ INLINE void transpose16(__m512i r[16]) {
 }
 
 /* The tile of rows [n0, n0 + QG_COLS) (rows past N zero): words wt [words][QG_COLS], scales
-   and biases st, bt [KG][QG_COLS] as float32. */
+   and biases st, bt [KG][QG_COLS] in their own precision (bfloat16 bits where bf16 is set,
+   else float32). */
 static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const void* scales, const void* biases,
-                    int bf16, uint32_t* wt, float* st, float* bt) {
+                    int bf16, uint32_t* wt, void* st, void* bt) {
   int w16 = words & ~15;
   for (int h = 0; h < QG_COLS; h += 16) {
     const uint32_t* rows[16];
@@ -471,16 +472,28 @@ static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const v
   for (int c = 0; c < QG_COLS; c++)
     for (int g = 0; g < KG; g++) {
       int in = n0 + c < N;
-      st[(size_t)g * QG_COLS + c] = in ? qparam(scales, (size_t)(n0 + c) * KG + g, bf16) : 0.0f;
-      bt[(size_t)g * QG_COLS + c] = in ? qparam(biases, (size_t)(n0 + c) * KG + g, bf16) : 0.0f;
+      size_t at = (size_t)g * QG_COLS + c, from = (size_t)(n0 + c) * KG + g;
+      if (bf16) {
+        ((uint16_t*)st)[at] = in ? ((const uint16_t*)scales)[from] : 0;
+        ((uint16_t*)bt)[at] = in ? ((const uint16_t*)biases)[from] : 0;
+      } else {
+        ((float*)st)[at] = in ? ((const float*)scales)[from] : 0.0f;
+        ((float*)bt)[at] = in ? ((const float*)biases)[from] : 0.0f;
+      }
     }
+}
+
+/* 16 of a tile's scales or biases as float32 (SB: stored as bfloat16 bits, which widen
+   exactly; they are read with the weights, an eighth of a 4-bit tile's bytes at float32) */
+INLINE v16 qg_param16(const int SB, const void* p, size_t i) {
+  return SB ? bf16x16((const uint16_t*)p + i) : load16((const float*)p + i);
 }
 
 /* R rows of x~ (bytes xg [R][K] in the tile's word order, scales xd and group sums xs
    [R][KG]) times one tile -> y [R][N] columns [n0, n0 + cols). */
-INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, int cols, const int8_t* xg,
-                    const float* xd, const float* xs, const uint32_t* wt, const float* st, const float* bt,
-                    float* y) {
+INLINE void qg_rows(const int R, const int bits, const int SB, int K, int G, int N, int n0, int cols,
+                    const int8_t* xg, const float* xd, const float* xs, const uint32_t* wt, const void* st,
+                    const void* bt, float* y) {
   const int vpw = 32 / bits, KG = K / G, wpg = G / vpw;
   const __m512i nib = _mm512_set1_epi8(15);
   v16 tot[QG_ROWS][2];
@@ -514,12 +527,15 @@ INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, in
         }
       }
     }
-    __builtin_prefetch(st + (size_t)(g + 4) * QG_COLS, 0, 0);
-    __builtin_prefetch(st + (size_t)(g + 4) * QG_COLS + 16, 0, 0);
-    __builtin_prefetch(bt + (size_t)(g + 4) * QG_COLS, 0, 0);
-    __builtin_prefetch(bt + (size_t)(g + 4) * QG_COLS + 16, 0, 0);
-    v16 s0 = load16(st + (size_t)g * QG_COLS), s1 = load16(st + (size_t)g * QG_COLS + 16);
-    v16 b0 = load16(bt + (size_t)g * QG_COLS), b1 = load16(bt + (size_t)g * QG_COLS + 16);
+    const size_t es = SB ? 2 : 4, ahead = (size_t)(g + 4) * QG_COLS * es;
+    __builtin_prefetch((const char*)st + ahead, 0, 0);
+    __builtin_prefetch((const char*)bt + ahead, 0, 0);
+    if (!SB) {
+      __builtin_prefetch((const char*)st + ahead + 64, 0, 0);
+      __builtin_prefetch((const char*)bt + ahead + 64, 0, 0);
+    }
+    v16 s0 = qg_param16(SB, st, (size_t)g * QG_COLS), s1 = qg_param16(SB, st, (size_t)g * QG_COLS + 16);
+    v16 b0 = qg_param16(SB, bt, (size_t)g * QG_COLS), b1 = qg_param16(SB, bt, (size_t)g * QG_COLS + 16);
     for (int r = 0; r < R; r++) {
       float d = xd[(size_t)r * KG + g], sum = xs[(size_t)r * KG + g];
       tot[r][0] += fma16(b0, (v16){0} + sum, (v16)_mm512_cvtepi32_ps(acc[r][0]) * (s0 * d));
@@ -540,15 +556,17 @@ INLINE void qg_rows(const int R, const int bits, int K, int G, int N, int n0, in
   }
 }
 
-#define QG_DEF(bits, R) \
-  static __attribute__((noinline)) void qg_##bits##_##R(int K, int G, int N, int n0, int cols, const int8_t* xg, \
-      const float* xd, const float* xs, const uint32_t* wt, const float* st, const float* bt, float* y) { \
-    qg_rows(R, bits, K, G, N, n0, cols, xg, xd, xs, wt, st, bt, y); \
+#define QG_DEF(bits, R, SB) \
+  static __attribute__((noinline)) void qg_##bits##_##R##_##SB(int K, int G, int N, int n0, int cols, \
+      const int8_t* xg, const float* xd, const float* xs, const uint32_t* wt, const void* st, const void* bt, \
+      float* y) { \
+    qg_rows(R, bits, SB, K, G, N, n0, cols, xg, xd, xs, wt, st, bt, y); \
   }
-QG_DEF(4, 1) QG_DEF(4, 2) QG_DEF(4, 3) QG_DEF(4, 4) QG_DEF(4, 5) QG_DEF(4, 6)
-QG_DEF(8, 1) QG_DEF(8, 2) QG_DEF(8, 3) QG_DEF(8, 4) QG_DEF(8, 5) QG_DEF(8, 6)
+#define QG_DEFS(bits, SB) \
+  QG_DEF(bits, 1, SB) QG_DEF(bits, 2, SB) QG_DEF(bits, 3, SB) QG_DEF(bits, 4, SB) QG_DEF(bits, 5, SB) QG_DEF(bits, 6, SB)
+QG_DEFS(4, 0) QG_DEFS(4, 1) QG_DEFS(8, 0) QG_DEFS(8, 1)
 typedef void (*qg_fn)(int, int, int, int, int, const int8_t*, const float*, const float*, const uint32_t*,
-                      const float*, const float*, float*);
+                      const void*, const void*, float*);
 
 /* x~'s bytes in the order the tiles' words meet them: 4-bit, per word of 8 values, its even
    values (the low nibbles) then its odd ones; 8-bit, as they are. */
@@ -567,11 +585,13 @@ static void qg_layout(int M, int K, int bits, const int8_t* xi, int8_t* xg) {
    without memory for the scratch. */
 static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const int8_t* xg, const float* xd,
                  const float* xs, const uint32_t* const* ws, const void* const* scales_, const void* const* biases_,
-                 int bf16, const uint32_t* const* packed_w, const float* const* packed_s, float* const* ys) {
-  static const qg_fn fns[2][QG_ROWS] = {{qg_4_1, qg_4_2, qg_4_3, qg_4_4, qg_4_5, qg_4_6},
-                                        {qg_8_1, qg_8_2, qg_8_3, qg_8_4, qg_8_5, qg_8_6}};
-  const qg_fn* f = fns[bits == 8];
+                 int bf16, const uint32_t* const* packed_w, const void* const* packed_s, float* const* ys) {
+#define QG_FNS(bits, SB) {qg_##bits##_1_##SB, qg_##bits##_2_##SB, qg_##bits##_3_##SB, qg_##bits##_4_##SB, \
+                          qg_##bits##_5_##SB, qg_##bits##_6_##SB}
+  static const qg_fn fns[2][2][QG_ROWS] = {{QG_FNS(4, 0), QG_FNS(4, 1)}, {QG_FNS(8, 0), QG_FNS(8, 1)}};
+  const qg_fn* f = fns[bits == 8][bf16 != 0];
   int words = K / (32 / bits), KG = K / G, tasks = 0, failed = 0;
+  size_t es = bf16 ? 2 : 4; /* bytes of a tile's scale or bias */
   for (int i = 0; i < count; i++) tasks += (Ns[i] + QG_COLS - 1) / QG_COLS;
   #pragma omp parallel
   {
@@ -587,18 +607,18 @@ static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const 
       while (tile >= (Ns[i] + QG_COLS - 1) / QG_COLS) tile -= (Ns[i++] + QG_COLS - 1) / QG_COLS;
       int N = Ns[i], n0 = tile * QG_COLS, cols = N - n0 < QG_COLS ? N - n0 : QG_COLS;
       const uint32_t* wt = scratch;
-      const float* st = scratch_s;
+      const char* st = (const char*)scratch_s;
       if (packed_w) {  /* the tile as qg_pack laid it out once */
         wt = packed_w[i] + (size_t)tile * words * QG_COLS;
-        st = packed_s[i] + (size_t)tile * KG * QG_COLS * 2;
+        st = (const char*)packed_s[i] + (size_t)tile * KG * QG_COLS * 2 * es;
       } else {
         qg_tile(n0, N, words, KG, ws[i], scales_[i], biases_[i], bf16, scratch, scratch_s,
-                scratch_s + (size_t)KG * QG_COLS);
+                (char*)scratch_s + (size_t)KG * QG_COLS * es);
       }
       for (int m0 = 0; m0 < M; m0 += QG_ROWS) {
         int R = M - m0 < QG_ROWS ? M - m0 : QG_ROWS;
         f[R - 1](K, G, N, n0, cols, xg + (size_t)m0 * K, xd + (size_t)m0 * KG, xs + (size_t)m0 * KG, wt, st,
-                 st + (size_t)KG * QG_COLS, ys[i] + (size_t)m0 * N);
+                 st + (size_t)KG * QG_COLS * es, ys[i] + (size_t)m0 * N);
       }
     }
     free(scratch), free(scratch_s);
@@ -608,23 +628,25 @@ static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const 
 #endif
 
 /* The integer tiles of a 4/8-bit matrix w [N, K] laid out once, as qgemm would transpose
-   them on every call: tile t's words at wt + t * words * QG_COLS, its float32 scales and
-   biases at st + t * KG * QG_COLS * 2 (the N rows padded to whole tiles with zeros). The
+   them on every call: tile t's words at wt + t * words * QG_COLS, its scales and biases (in
+   their own precision: bfloat16 bits where bf16 is set, else float32) at element
+   t * KG * QG_COLS * 2 of st (the N rows padded to whole tiles with zeros). The
    many-row products then read them as they are, which for a few rows (a live stream's
    encoder) spares the transposes that would otherwise cost more than the products. Returns
    the tile width, or 0 where the CPU has no VNNI (no tiles) or the format is not taken. */
 int mlx_voxtral_qg_pack(int N, int K, int G, int bits, const uint32_t* w, const void* scales, const void* biases,
-                        int bf16, uint32_t* wt, float* st) {
+                        int bf16, uint32_t* wt, void* st) {
 #if QVNNI
   int vpw = 32 / bits;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 0;
   if (!wt || !st) return QG_COLS;
   int words = K / vpw, KG = K / G, tiles = (N + QG_COLS - 1) / QG_COLS;
+  size_t es = bf16 ? 2 : 4;
   #pragma omp parallel for schedule(dynamic)
   for (int t = 0; t < tiles; t++) {
-    float* s = st + (size_t)t * KG * QG_COLS * 2;
+    char* s = (char*)st + (size_t)t * KG * QG_COLS * 2 * es;
     qg_tile(t * QG_COLS, N, words, KG, w, scales, biases, bf16, wt + (size_t)t * words * QG_COLS, s,
-            s + (size_t)KG * QG_COLS);
+            s + (size_t)KG * QG_COLS * es);
   }
   return QG_COLS;
 #else
@@ -700,7 +722,7 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
 
 int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, const float* x,
                     const uint32_t* const* ws, const void* const* scales_, const void* const* biases_, int bf16,
-                    int allow_integer, int many, const uint32_t* const* packed_w, const float* const* packed_s,
+                    int allow_integer, int many, const uint32_t* const* packed_w, const void* const* packed_s,
                     float* const* ys) {
   int vpw = 32 / bits, KG = K / G;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;

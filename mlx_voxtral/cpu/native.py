@@ -249,7 +249,7 @@ class Matmuls:
     brings (the encoder's: streamed audio in 80 ms steps equals one offline block); otherwise
     up to ``MANY_ROWS`` rows take the few-row kernels, which stream the weights once. The
     first call of such a product with up to ``MANY_ROWS`` rows lays its weights out in the
-    kernel's tiles once (a second copy: the weights' size plus float32 scales and biases, kept
+    kernel's tiles once (a second copy: the weights' size plus their scales and biases, kept
     for as long as the object lives), and every later call reads those instead of transposing
     the weights again: for a few rows the transposes cost more than the products. The tiles
     hold the same values in the same order, so the results are the same bits.
@@ -286,7 +286,7 @@ class Matmuls:
                 for n, w, s, b in zip(self.ns, *self.pointers):
                     count = -(-n // cols)
                     wt = np.empty(count * cols * k * bits // 32, np.uint32)
-                    st = np.empty(count * cols * (k // g) * 2, np.float32)
+                    st = np.empty(count * cols * (k // g) * 2, np.uint16 if self.scales_bf16 else np.float32)
                     _lib.mlx_voxtral_qg_pack(n, k, g, bits, ctypes.c_void_p(w), ctypes.c_void_p(s),
                                              ctypes.c_void_p(b), self.scales_bf16,
                                              wt.ctypes.data_as(ctypes.c_void_p), st.ctypes.data_as(ctypes.c_void_p))
