@@ -997,36 +997,25 @@ INLINE void att_product(const int R, const int BF, int t0, int t1, const float* 
   }
 }
 
-/* att_product's scores (a = q, b = K^T in float32) with the 16 keys in one 16-lane
-   vector: the same multiply-add per lane and t, so the same bits, in half the
-   instructions (the scores were most of a live chunk's attention). */
-INLINE void att_scores16(const int R, int D, const float* q, const float* kt, int ldk, float* out, int ldo) {
-  v16 acc[ATT_ROWS];
-  for (int r = 0; r < R; r++) acc[r] = (v16){0};
-  for (int t = 0; t < D; t++) {
-    v16 b = load16(kt + (size_t)t * ldk);
-    for (int r = 0; r < R; r++) acc[r] = fma16(splat16(q[(size_t)r * D + t]), b, acc[r]);
-  }
-  for (int r = 0; r < R; r++) memcpy(out + (size_t)r * ldo, &acc[r], 64);
-}
-
-/* att_scores16 for the 32 keys of two adjacent blocks: twice the independent chains (R of
-   them were bound by the multiply-add's latency), the same bits. */
-INLINE void att_scores32(const int R, int D, const float* q, const float* kt, int ldk, float* out, int ldo) {
+/* att_product's scores (a = q, b = K^T in float32) for B blocks of 16 keys (B = 1, 2), each
+   block one 16-lane vector: the same multiply-add per lane and t, so the same bits, in half
+   the instructions; two blocks give twice the independent chains (R per block were bound by
+   the multiply-add's latency). The scores were most of a live chunk's attention. */
+INLINE void att_scores(const int R, const int B, int D, const float* q, const float* kt, int ldk, float* out,
+                       int ldo) {
   v16 acc[ATT_ROWS][2];
-  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (v16){0};
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) acc[r][b] = (v16){0};
   for (int t = 0; t < D; t++) {
-    v16 b0 = load16(kt + (size_t)t * ldk), b1 = load16(kt + (size_t)t * ldk + 16);
+    v16 k[2];
+    for (int b = 0; b < B; b++) k[b] = load16(kt + (size_t)t * ldk + 16 * b);
     for (int r = 0; r < R; r++) {
       v16 a = splat16(q[(size_t)r * D + t]);
-      acc[r][0] = fma16(a, b0, acc[r][0]);
-      acc[r][1] = fma16(a, b1, acc[r][1]);
+      for (int b = 0; b < B; b++) acc[r][b] = fma16(a, k[b], acc[r][b]);
     }
   }
-  for (int r = 0; r < R; r++) {
-    memcpy(out + (size_t)r * ldo, &acc[r][0], 64);
-    memcpy(out + (size_t)r * ldo + 16, &acc[r][1], 64);
-  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < B; b++) memcpy(out + (size_t)r * ldo + 16 * b, &acc[r][b], 64);
 }
 
 /* out[r][0:64] = sum_t a[r][t] v[t][0:64] over t in [t0, t1) for a head size of 64: every
@@ -1060,8 +1049,8 @@ INLINE void att_tile(const int R, const int BF, int D, int window, float scale, 
   int hi = pos0 + R - 1 - jlo;                                       /* last row's last key */
   int jb0 = lo0 & ~15;
   int jb = jb0;
-  for (; jb + 16 <= hi; jb += 32) att_scores32(R, D, q, kt + jb, ldk, s + jb, lds);
-  if (jb <= hi) att_scores16(R, D, q, kt + jb, ldk, s + jb, lds);
+  for (; jb + 16 <= hi; jb += 32) att_scores(R, 2, D, q, kt + jb, ldk, s + jb, lds);
+  if (jb <= hi) att_scores(R, 1, D, q, kt + jb, ldk, s + jb, lds);
   float inv[ATT_ROWS];
   for (int r = 0; r < R; r++) {
     float* sr = s + (size_t)r * lds;
