@@ -97,3 +97,21 @@ def test_kernel_timings_run_the_live_encoder_shapes(tmp_path):
     mm, att = r.stdout.splitlines()
     assert mm.startswith("2 layers' 4-bit matmuls, 4 rows: per call ") and ", laid out " in mm
     assert att.startswith("2 layers' chunked attention over 40 keys: 1 queries ") and ", 4 queries " in att
+
+
+def test_breakdown_times_every_stage(tiny_checkpoint, tmp_path):
+    """``benchmarks/breakdown.py`` times the kernels of an offline run per decode step and of
+    a live stream per chunk, as a user runs it."""
+    from conftest import require_cpu_backend
+
+    require_cpu_backend()
+    for mode, unit, stages in (("offline", "ms/decode step", ("matmuls[1]", "attention_one", "decoder", "rope")),
+                               ("streaming", "ms/chunk", ("encoder", "cache extend", "attention", "conv stem"))):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "breakdown.py"), "--model", str(tiny_checkpoint),
+                            "--precision", "4", "--mode", mode, "--seconds", "3"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        head, columns, *rows = r.stdout.splitlines()
+        assert ("ms per step" if mode == "offline" else "ms per chunk") in head and unit in columns
+        names = {row[:16].strip() for row in rows}
+        assert set(stages) <= names, (mode, names)
