@@ -176,7 +176,7 @@ def attention_rows(attn: Attention, x: np.ndarray, caches: Sequence[HostKVCache]
                    many: bool = False) -> np.ndarray:
     """``attn`` over float32 rows ``x`` [S, dim] of several streams packed back to back
     (``lengths[i]`` rows of stream i, whose keys and values ``caches[i]`` keeps) -> [S, dim].
-    q, k and v in one native pass, RoPE in numpy, many queries in the native sliding-window
+    q, k and v in one native pass, RoPE natively, many queries in the native sliding-window
     kernel (which never holds the [queries, keys] score matrix), one query (a decode step)
     over the ring in place; both read the cached keys and values in their storage precision."""
     layers = (attn.wq, attn.wk, attn.wv)
