@@ -977,8 +977,8 @@ INLINE v8 row8(const int BF, const void* p, size_t i) {
 }
 
 /* out[r][0:16] = sum_t a[r][t] b[t][0:16] over t in [t0, t1): the R x 16 register tile of
-   both attention products (scores: a = q, b = K^T; values: a = probabilities, b = V, of
-   float32 or bfloat16 rows when BF). */
+   the values' product (a = probabilities, b = V, float32 or bfloat16 rows when BF) for head
+   sizes other than 64; the scores have att_scores. */
 INLINE void att_product(const int R, const int BF, int t0, int t1, const float* a, int lda, const void* b,
                         int ldb, float* out, int ldo) {
   v8 acc[ATT_ROWS][2];
@@ -997,10 +997,12 @@ INLINE void att_product(const int R, const int BF, int t0, int t1, const float* 
   }
 }
 
-/* att_product's scores (a = q, b = K^T in float32) for B blocks of 16 keys (B = 1, 2), each
-   block one 16-lane vector: the same multiply-add per lane and t, so the same bits, in half
-   the instructions; two blocks give twice the independent chains (R per block were bound by
-   the multiply-add's latency). The scores were most of a live chunk's attention. */
+/* The scores out[r][0:16 B] = q[r] . K^T (kt: keys transposed to float32, ldk apart) for B
+   blocks of 16 keys (B = 1, 2), each block one 16-lane vector: one multiply-add per
+   dimension per key, in dimension order (the chains the 8-lane products before them made,
+   so the same bits, in half the instructions); two blocks give twice the independent chains
+   (R per block were bound by the multiply-add's latency). The scores were most of a live
+   chunk's attention. */
 INLINE void att_scores(const int R, const int B, int D, const float* q, const float* kt, int ldk, float* out,
                        int ldo) {
   v16 acc[ATT_ROWS][2];
