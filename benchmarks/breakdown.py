@@ -81,14 +81,11 @@ def main(argv=None) -> int:
         return 1
     timer = Timer()
     instrument(timer)
-    dtype, bits, mode = bench.PRECISIONS[args.precision]
-    kwargs = {"dtype": dtype, "backend": "cpu"}
-    if bits:
-        kwargs.update(quantize=bits, mode=mode)
-    model = load(str(bench.random_checkpoint(args.random)) if args.random else args.model, **kwargs)
+    model = load(str(bench.random_checkpoint(args.random)) if args.random else args.model,
+                 **bench.load_options(args.precision, "cpu"))
     audio = bench.speech(args.seconds, args.audio)
     run = transcribe if args.mode == "offline" else bench._streaming
-    run(model, audio[: min(len(audio), 2 * bench.SAMPLE_RATE)])
+    run(model, audio[: 2 * bench.SAMPLE_RATE])
     timer.on = True
     start = time.perf_counter()
     out = run(model, audio)

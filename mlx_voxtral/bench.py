@@ -613,20 +613,25 @@ def _dialects(model, audio: np.ndarray, chunk_ms: int = 80) -> dict:
     return out
 
 
+def load_options(precision: str, backend: str) -> dict[str, Any]:
+    """``load``'s keyword arguments for one of ``PRECISIONS`` on ``backend``."""
+    dtype_name, bits, mode = PRECISIONS[precision]
+    options: dict[str, Any] = {"dtype": dtype_name, "backend": backend}
+    if bits:
+        options.update(quantize=bits, mode=mode)
+    return options
+
+
 def run_worker(spec: dict) -> dict:
     """Everything for one backend and precision (runs in its own process)."""
     from .loader import load
 
-    dtype_name, bits, mode = PRECISIONS[spec["precision"]]
     result = Result(spec["precision"], spec["backend"], import_first=spec.get("import_first", "mlx_voxtral"))
     importlib.import_module(".tokenizer", __package__)  # mistral-common: counted before the model
 
     result.rss_before_load_gb = round(_rss() / 1e9, 3)
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"dtype": dtype_name, "backend": spec["backend"]}
-    if bits:
-        kwargs.update(quantize=bits, mode=mode)
-    model = load(spec["model"], **kwargs)
+    model = load(spec["model"], **load_options(spec["precision"], spec["backend"]))
     result.load_s = round(time.perf_counter() - t0, 2)
     result.rss_after_load_gb = round(_rss() / 1e9, 3)
     result.weights_gb = round(result.rss_after_load_gb - result.rss_before_load_gb, 3)
