@@ -39,7 +39,7 @@ def test_bf16_matmul(rows, k):
     [(b, g, k) for b, g in [(4, 64), (4, 128), (8, 32), (8, 64), (8, 128)] for k in (512, 576) if k % g == 0],
 )
 @pytest.mark.parametrize("scale_dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("integer", [True, False])  # False: the float kernels of CPUs without VNNI
+@pytest.mark.parametrize("integer", [True, False])  # False: the float kernels of CPUs without AVX2
 def test_quantized_matmul(rows, bits, group_size, k, scale_dtype, integer):
     w = mx.random.normal((260, k), key=mx.random.key(bits)) * 0.05
     wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
@@ -72,7 +72,7 @@ def test_integer_tiles(bits, group_size, k, n, scale_dtype):
     assert tiles.tiles_nbytes == 0  # many rows transpose the tiles in cache
     for rows in (slice(69, 70), slice(3, 7), slice(0, 13)):
         assert np.array_equal(tiles(x[rows])[0], y[rows])
-    # a few rows lay the tiles out once (where the CPU has VNNI) and read them from then on
+    # a few rows lay the tiles out once (where the CPU has AVX-512 VNNI or AVX2) and read them from then on
     laid_out = tiles.tiles_nbytes
     assert laid_out == 0 or laid_out >= wq.nbytes
     fresh = native.Matmuls([(wq, scales, biases)], group_size, bits, many=True)

@@ -8,9 +8,10 @@ of quantized layers rounded to 8 bits per group), through ``mlx_voxtral.cpu.nati
   a layer's q, k and v (and w1, w3) in one pass;
 * quantized weights times more rows (and the encoder's and adapter's at any number of rows,
   so that streamed audio gives the bits of one offline block) multiply in integers, 8-bit
-  activations against tiles of the weights transposed in cache (VNNI), where the CPU has it;
+  activations against tiles of the weights transposed in cache (AVX-512 VNNI or AVX2), where
+  the CPU has them;
   once a call brings a few rows (a live chunk), the tiles are laid out once and kept;
-* other many-row products (float weights; quantized ones without VNNI) convert the weights
+* other many-row products (float weights; quantized ones without AVX2) convert the weights
   to float32 a cache-sized tile at a time and multiply each tile with the BLAS;
 * attention over more than one query runs in a native sliding-window kernel, one query in
   another, both over the cache's buffers in place and in their storage precision; the SwiGLU

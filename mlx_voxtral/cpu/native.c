@@ -129,7 +129,6 @@ static void few_rows_sgemm_nt(int M, int N, int K, float alpha, const float* A, 
 typedef float v16 __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
-INLINE v16 load16(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
 INLINE v16 splat16(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 /* Halves and joins by shuffles where the compiler has them (GCC 12, clang): with memcpy an
    address taken kept the totals in memory, a store and a load per block on their chain.
@@ -142,6 +141,13 @@ INLINE v16 join8(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2,
 INLINE v8 lo8(v16 v) { v8 r; memcpy(&r, &v, 32); return r; }
 INLINE v8 hi8(v16 v) { v8 r; memcpy(&r, (const char*)&v + 32, 32); return r; }
 INLINE v16 join8(v8 lo, v8 hi) { v16 r; memcpy(&r, &lo, 32); memcpy((char*)&r + 32, &hi, 32); return r; }
+#endif
+/* Without AVX-512 a 64-byte memcpy into a v16 became 16 scalar loads and inserts (a 4-bit
+   matvec at 3 GB/s); two 32-byte loads joined stay two vector loads. */
+#if defined(__AVX512F__)
+INLINE v16 load16(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
+#else
+INLINE v16 load16(const float* p) { return join8(load8(p), load8(p + 8)); }
 #endif
 INLINE float hsum16(v16 v) { return hsum(lo8(v) + hi8(v)); }
 #if defined(__AVX512F__)
@@ -172,7 +178,14 @@ INLINE v16u qblock(const uint32_t* row, int w0, int words, int n, int KG, const 
   v16u v;
   int full = words - w0 >= QBLOCK;
   if (full) {
+#if defined(__AVX512F__)
     memcpy(&v, row + w0, 64);
+#else
+    v8u a, b;
+    memcpy(&a, row + w0, 32);
+    memcpy(&b, row + w0 + 8, 32);
+    v = (v16u)join8((v8)a, (v8)b);
+#endif
   } else {
 #if defined(__AVX512F__)
     v = (v16u)_mm512_maskz_loadu_epi32(0x00FF, row + w0); /* masked lanes are not read */
@@ -216,6 +229,7 @@ INLINE void qfinish(const int R, int m0, int n, int N, int KG, const float* xs, 
   }
 }
 
+#if defined(__AVX512F__)
 /* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining): per block two
    chains (even and odd slots) scaled per lane into one total; the biases meet the sums of
    x's groups (xs) at the end. */
@@ -255,6 +269,55 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
   }
   qfinish(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
+#else
+/* Without AVX-512 (GCC keeps 64-byte vectors in memory there: 3 GB/s of 4-bit weights):
+   qmv_part's operations lane for lane, each block as two halves of 8 words. */
+#define QS8(v, shift, mask) __builtin_convertvector((v8i)((v) & ((mask) << (shift))), v8)
+#define QT8(v, shift) __builtin_convertvector((v8i)((v) >> (shift)), v8)
+INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, int Kp, int G,
+                     const float* xp, const float* xs, const uint32_t* row, const void* scales,
+                     const void* biases, int bf16, const int* half_group, float* y) {
+  const int vpw = 32 / bits, words = K / vpw, KG = K / G;
+  v8 tot[4][2];
+  for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = (v8){0};
+  for (int w0 = 0; w0 < words; w0 += QBLOCK) {
+    prefetch_ahead(row + w0);
+    const float* xb0 = xp + (size_t)w0 * vpw;
+    for (int h = 0; h < 2 && w0 + 8 * h < words; h++) {
+      v8u v;
+      memcpy(&v, row + w0 + 8 * h, 32);
+      v8 sv = splat8(qparam(scales, (size_t)n * KG + half_group[w0 / 8 + h], bf16));
+      if (bits == 4) {
+        v8 q0 = QS8(v, 0, 15u), q1 = QS8(v, 4, 15u), q2 = QS8(v, 8, 15u), q3 = QS8(v, 12, 15u);
+        v8 q4 = QS8(v, 16, 15u), q5 = QS8(v, 20, 15u), q6 = QS8(v, 24, 15u), q7 = QT8(v, 28);
+        for (int r = 0; r < R; r++) {
+          const float* xb = xb0 + (size_t)(m0 + r) * Kp + 8 * h;
+          v8 e = q0 * load8(xb), o = q1 * load8(xb + 16);
+          e = fma8(q2, load8(xb + 32), e);
+          o = fma8(q3, load8(xb + 48), o);
+          e = fma8(q4, load8(xb + 64), e);
+          o = fma8(q5, load8(xb + 80), o);
+          e = fma8(q6, load8(xb + 96), e);
+          o = fma8(q7, load8(xb + 112), o);
+          tot[r][h] = fma8(sv, e + o, tot[r][h]);
+        }
+      } else {
+        v8 q0 = QS8(v, 0, 255u), q1 = QS8(v, 8, 255u), q2 = QS8(v, 16, 255u), q3 = QT8(v, 24);
+        for (int r = 0; r < R; r++) {
+          const float* xb = xb0 + (size_t)(m0 + r) * Kp + 8 * h;
+          v8 e = fma8(q2, load8(xb + 32), q0 * load8(xb));
+          v8 o = fma8(q3, load8(xb + 48), q1 * load8(xb + 16));
+          tot[r][h] = fma8(sv, e + o, tot[r][h]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float bias_dot = qbias_dot(biases, (size_t)n * KG, xs + (size_t)(m0 + r) * KG, KG, bf16);
+    y[(size_t)(m0 + r) * N + n] = hsum(tot[r][0] + tot[r][1]) + bias_dot;
+  }
+}
+#endif
 
 /* One function per (bits, rows), compiled apart rather than inlined into one parallel loop
    (measured: 4-bit decoder matvecs 82 -> 79 ms per step). */
@@ -318,8 +381,22 @@ static void quantize_rows(int M, int K, int G, const float* x, float* xt, int8_t
     }
 }
 
+/* Integer kernels: AVX-512 VNNI (u8 x s8, 4 products per 32-bit lane, exact), or AVX2: the
+   same sums from pairs of u8 x s8 products in 16 bits, which stay exact for 4-bit values
+   (2 x 15 x 127 fits; 8-bit weights are taken as 16 hi + lo, their nibbles) added in 32. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define QVNNI 1
+#define QAVX2 0
+#elif defined(__AVX2__)
+#define QVNNI 0
+#define QAVX2 1
+#else
+#define QVNNI 0
+#define QAVX2 0
+#endif
+#define QINT (QVNNI || QAVX2)
+
+#if QVNNI || QAVX2
 /* The integers of x laid out for the integer kernel, Kp bytes per row: 4-bit, per block of
    16 words, the values of the low nibbles (word i: its values 0, 2, 4, 6 at bytes 4i..4i+3)
    then of the high nibbles (1, 3, 5, 7); 8-bit, the values in order. Zeros past K. Also
@@ -345,6 +422,9 @@ static void layout_q8(int M, int K, int Kp, int G, int bits, const int8_t* xi, c
   }
 }
 
+#endif
+
+#if QVNNI
 /* Rows [m0, m0 + R) of y for output n, in integers: per block and lane the exact sum of
    the word's products, then scaled by the weights' and x's scales into one total. */
 INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int K, int Kp, int G,
@@ -374,11 +454,52 @@ INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int 
   }
   qfinish(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
-#else
-#define QVNNI 0
+#elif QAVX2
+/* AVX2, 4-bit: qmv_int_part's operations lane for lane, each block as two halves of 8 words
+   (GCC keeps 64-byte vectors in memory without AVX-512, so these kernels use 32-byte ones). */
+/* The exact sums of 8 words' products with x's bytes, per word: 4-bit, the low nibbles
+   with xlo and the high ones with xhi; 8-bit, 16 x (high nibbles) + (low nibbles) with xlo. */
+INLINE __m256i dp_avx2(const int bits, __m256i w, const int8_t* xlo, const int8_t* xhi) {
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+  __m256i xl = _mm256_loadu_si256((const __m256i*)xlo);
+  if (bits == 8)
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xl), _mm256_set1_epi16(16)));
+  __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                               _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)xhi)));
+  return _mm256_madd_epi16(p, ones);
+}
+
+INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int K, int Kp, int G,
+                         const int8_t* xq, const float* xl, const float* xs, const uint32_t* row,
+                         const void* scales, const void* biases, int bf16, const int* half_group, float* y) {
+  const int vpw = 32 / bits, words = K / vpw, KG = K / G, blk = QBLOCK * vpw, blocks = Kp / blk;
+  v8 tot[4][2];
+  for (int r = 0; r < R; r++) tot[r][0] = tot[r][1] = (v8){0};
+  for (int w0 = 0; w0 < words; w0 += QBLOCK) {
+    prefetch_ahead(row + w0);
+    int t = w0 / QBLOCK;
+    for (int h = 0; h < 2 && w0 + 8 * h < words; h++) {
+      __m256i wv = _mm256_loadu_si256((const __m256i*)(row + w0 + 8 * h));
+      float sw = qparam(scales, (size_t)n * KG + half_group[w0 / 8 + h], bf16);
+      for (int r = 0; r < R; r++) {
+        const int8_t* xb = xq + (size_t)(m0 + r) * Kp + (size_t)t * blk;
+        __m256i acc = bits == 4 ? dp_avx2(4, wv, xb + 32 * h, xb + 64 + 32 * h) : dp_avx2(8, wv, xb + 32 * h, NULL);
+        /* a half's 8 lanes lie in one group: one x scale (sv * xl's lanes, as one product) */
+        v8 scale = splat8(sw * xl[((size_t)(m0 + r) * blocks + t) * QBLOCK + 8 * h]);
+        tot[r][h] = fma8(scale, (v8)_mm256_cvtepi32_ps(acc), tot[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float bias_dot = qbias_dot(biases, (size_t)n * KG, xs + (size_t)(m0 + r) * KG, KG, bf16);
+    y[(size_t)(m0 + r) * N + n] = hsum(tot[r][0] + tot[r][1]) + bias_dot;
+  }
+}
 #endif
 
-#if QVNNI
+#if QVNNI || QAVX2
 #define QINT_DEF(bits, R) \
   static __attribute__((noinline)) void qint_##bits##_##R(int m0, int n, int N, int K, int Kp, int G, \
       const int8_t* xq, const float* xl, const float* xs, const uint32_t* row, const void* scales, \
@@ -420,6 +541,7 @@ static void qint_rows(int bits, int M, int N, int K, int Kp, int G, const int8_t
 #define QG_AHEAD 64 /* words: each of the 16 rows' reads asked for 4 lines ahead */
 #endif
 
+#if QVNNI
 /* 16 x 16 32-bit transpose: in[i] (16 words of row i) -> out[j] (word j of the 16 rows) */
 INLINE void transpose16(__m512i r[16]) {
   __m512i t[16];
@@ -447,15 +569,18 @@ INLINE void transpose16(__m512i r[16]) {
   }
 }
 
+#endif
+
 /* The tile of rows [n0, n0 + QG_COLS) (rows past N zero): words wt [words][QG_COLS], scales
    and biases st, bt [KG][QG_COLS] in their own precision (bfloat16 bits where bf16 is set,
    else float32). */
 static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const void* scales, const void* biases,
                     int bf16, uint32_t* wt, void* st, void* bt) {
-  int w16 = words & ~15;
+  int w16 = QVNNI ? words & ~15 : 0; /* AVX2: the plain loop below (tiles are laid out once) */
   for (int h = 0; h < QG_COLS; h += 16) {
     const uint32_t* rows[16];
     for (int i = 0; i < 16; i++) rows[i] = n0 + h + i < N ? w + (size_t)(n0 + h + i) * words : NULL;
+#if QVNNI
     for (int w0 = 0; w0 < w16; w0 += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; i++) {
@@ -466,6 +591,7 @@ static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const v
       transpose16(r);
       for (int j = 0; j < 16; j++) _mm512_storeu_si512(wt + (size_t)(w0 + j) * QG_COLS + h, r[j]);
     }
+#endif
     for (int j = w16; j < words; j++)
       for (int i = 0; i < 16; i++) wt[(size_t)j * QG_COLS + h + i] = rows[i] ? rows[i][j] : 0;
   }
@@ -483,6 +609,7 @@ static void qg_tile(int n0, int N, int words, int KG, const uint32_t* w, const v
     }
 }
 
+#if QVNNI
 /* 16 of a tile's scales or biases as float32 (SB: stored as bfloat16 bits, which widen
    exactly; they are read with the weights, an eighth of a 4-bit tile's bytes at float32) */
 INLINE v16 qg_param16(const int SB, const void* p, size_t i) {
@@ -555,6 +682,76 @@ INLINE void qg_rows(const int R, const int bits, const int SB, int K, int G, int
     }
   }
 }
+
+#else
+/* 8 of a tile's scales or biases as float32 (SB: bfloat16 bits) */
+INLINE v8 qg_param8(const int SB, const void* p, size_t i) {
+  return SB ? bf16x8((const uint16_t*)p + i) : load8((const float*)p + i);
+}
+
+/* qg_rows with AVX2: the same operations lane for lane, each group's words (in L1 once read)
+   passed over for the tile's 32 columns 8 at a time. Per row the 16-bit pair sums of 4 words
+   add up before widening (each at most 2 x 2 x 15 x 127, four of them 30480 < 32767: exact);
+   8-bit words as 16 x (high nibbles) + (low nibbles). */
+INLINE void qg_rows(const int R, const int bits, const int SB, int K, int G, int N, int n0, int cols,
+                    const int8_t* xg, const float* xd, const float* xs, const uint32_t* wt, const void* st,
+                    const void* bt, float* y) {
+  const int vpw = 32 / bits, KG = K / G, wpg = G / vpw, quarters = (cols + 7) / 8;
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  v8 tot[QG_ROWS][QG_COLS / 8];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < QG_COLS / 8; c++) tot[r][c] = (v8){0};
+  for (int g = 0; g < KG; g++) {
+    /* a laid-out tile streams from memory: ask for its lines QG_PF words ahead */
+    for (int w = g * wpg; w < (g + 1) * wpg; w++) {
+      __builtin_prefetch(wt + (size_t)(w + QG_PF) * QG_COLS, 0, 0);
+      __builtin_prefetch(wt + (size_t)(w + QG_PF) * QG_COLS + 16, 0, 0);
+    }
+    v8 dv[QG_ROWS], sv[QG_ROWS];
+    for (int r = 0; r < R; r++) dv[r] = splat8(xd[(size_t)r * KG + g]), sv[r] = splat8(xs[(size_t)r * KG + g]);
+    for (int c = 0; c < quarters; c++) {
+      const int c0 = 8 * c;
+      __m256i acc[QG_ROWS];
+      for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+      for (int w4 = g * wpg; w4 < (g + 1) * wpg; w4 += 4) {
+        __m256i p[QG_ROWS], ph[QG_ROWS];
+        for (int r = 0; r < R; r++) p[r] = ph[r] = _mm256_setzero_si256();
+        for (int w = w4; w < w4 + 4; w++) {
+          __m256i v = _mm256_loadu_si256((const __m256i*)(wt + (size_t)w * QG_COLS + c0));
+          __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          for (int r = 0; r < R; r++) {
+            if (bits == 4) {
+              int32_t xl, xh;
+              memcpy(&xl, xg + (size_t)r * K + 8 * w, 4);
+              memcpy(&xh, xg + (size_t)r * K + 8 * w + 4, 4);
+              p[r] = _mm256_add_epi16(p[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
+                                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh))));
+            } else {
+              int32_t xq;
+              memcpy(&xq, xg + (size_t)r * K + 4 * w, 4);
+              __m256i xb = _mm256_set1_epi32(xq);
+              p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(lo, xb));
+              ph[r] = _mm256_add_epi16(ph[r], _mm256_maddubs_epi16(hi, xb));
+            }
+          }
+        }
+        for (int r = 0; r < R; r++) {
+          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p[r], ones));
+          if (bits == 8) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(ph[r], sixteen));
+        }
+      }
+      v8 sc = qg_param8(SB, st, (size_t)g * QG_COLS + c0), bi = qg_param8(SB, bt, (size_t)g * QG_COLS + c0);
+      for (int r = 0; r < R; r++)
+        tot[r][c] += fma8(bi, sv[r], (v8)_mm256_cvtepi32_ps(acc[r]) * (sc * dv[r]));
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float out[QG_COLS];
+    memcpy(out, tot[r], sizeof(out));
+    memcpy(y + (size_t)r * N + n0, out, sizeof(float) * cols);
+  }
+}
+#endif
 
 #define QG_DEF(bits, R, SB) \
   static __attribute__((noinline)) void qg_##bits##_##R##_##SB(int K, int G, int N, int n0, int cols, \
@@ -636,7 +833,7 @@ static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const 
    the tile width, or 0 where the CPU has no VNNI (no tiles) or the format is not taken. */
 int mlx_voxtral_qg_pack(int N, int K, int G, int bits, const uint32_t* w, const void* scales, const void* biases,
                         int bf16, uint32_t* wt, void* st) {
-#if QVNNI
+#if QVNNI || QAVX2
   int vpw = 32 / bits;
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 0;
   if (!wt || !st) return QG_COLS;
@@ -729,8 +926,8 @@ int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, con
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
   /* many rows (or `many`: every M, for a result that does not depend on M) in the integer
      tiles, a few in the few-row integer kernels, both with VNNI */
-  int tiles = QVNNI && allow_integer && (many || M > MANY_ROWS);
-  int integer = QVNNI && allow_integer && !tiles;
+  int tiles = QINT && allow_integer && (many || M > MANY_ROWS);
+  int integer = QINT && allow_integer && !tiles;
   int* half_group = malloc(sizeof(int) * (size_t)(halves + 1));
   float* xt = integer || tiles ? NULL : malloc(sizeof(float) * (size_t)M * K);
   int8_t* xi = malloc((size_t)M * K);
@@ -747,7 +944,7 @@ int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, con
   for (int h = 0; h <= halves; h++) half_group[h] = h * 8 * vpw / G < KG ? h * 8 * vpw / G : KG - 1;
   quantize_rows(M, K, G, x, xt, xi, xd, xs);
   status = 0;
-#if QVNNI
+#if QVNNI || QAVX2
   if (tiles) {
     qg_layout(M, K, bits, xi, xk);
     status = qgemm(count, M, Ns, K, G, bits, xk, xd, xs, ws, scales_, biases_, bf16, packed_w, packed_s, ys);
@@ -919,6 +1116,11 @@ int mlx_voxtral_bf16mm(int count, int M, const int* Ns, int K, const float* x, c
    the keys its queries see into its own scratch and widens values as it reads them;
    memory: that scratch and a score tile per task, never the [Sq, Sk] matrix. */
 #define ATT_ROWS 6    /* query rows per register tile */
+#if defined(__AVX512F__)
+#define AVX512 1
+#else
+#define AVX512 0
+#endif
 #define ATT_BLOCK 48  /* query rows per task */
 
 /* e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial; ~2 ulp). */
@@ -1003,6 +1205,14 @@ INLINE void att_product(const int R, const int BF, int t0, int t1, const float* 
    so the same bits, in half the instructions); two blocks give twice the independent chains
    (R per block were bound by the multiply-add's latency). The scores were most of a live
    chunk's attention. */
+#if !defined(__AVX512F__)
+/* Without AVX-512 (GCC keeps 64-byte vectors in memory there): att_product's 8-lane
+   chains, which att_scores and att_values64 reproduce lane for lane. */
+INLINE void att_scores(const int R, const int B, int D, const float* q, const float* kt, int ldk, float* out,
+                       int ldo) {
+  for (int b = 0; b < B; b++) att_product(R, 0, 0, D, q, D, kt + 16 * b, ldk, out + 16 * b, ldo);
+}
+#else
 INLINE void att_scores(const int R, const int B, int D, const float* q, const float* kt, int ldk, float* out,
                        int ldo) {
   v16 acc[ATT_ROWS][2];
@@ -1019,6 +1229,8 @@ INLINE void att_scores(const int R, const int B, int D, const float* q, const fl
   for (int r = 0; r < R; r++)
     for (int b = 0; b < B; b++) memcpy(out + (size_t)r * ldo + 16 * b, &acc[r][b], 64);
 }
+
+#endif
 
 /* out[r][0:64] = sum_t a[r][t] v[t][0:64] over t in [t0, t1) for a head size of 64: every
    dimension in one pass over the keys, each value row read once (att_product, 16
@@ -1061,7 +1273,7 @@ INLINE void att_tile(const int R, const int BF, int D, int window, float scale, 
     for (j = lo0; j < a; j++) sr[j] = 0.0f;
     for (j = b; j <= hi; j++) sr[j] = 0.0f;
   }
-  if (D == 64) att_values64(R, BF, lo0, hi + 1, s, lds, v, out, ldo);
+  if (D == 64 && AVX512) att_values64(R, BF, lo0, hi + 1, s, lds, v, out, ldo);
   else
     for (int dd = 0; dd < D; dd += 16) {
       const void* vd = BF ? (const void*)((const uint16_t*)v + dd) : (const void*)((const float*)v + dd);
@@ -1185,6 +1397,51 @@ INLINE void hsum16x4(const v16* a, float* out) {
 #endif
 }
 
+#if !defined(__AVX512F__)
+/* Without AVX-512: each key's G chains as 8-lane halves (the lanes of the 16-lane form),
+   one key at a time (two would not fit in 16 registers). */
+INLINE void one_scores(const int G, int n, int D, const float* q, const uint16_t* k, float* s) {
+  for (int j = 0; j < n; j++) {
+    const uint16_t* kj = k + (size_t)j * D;
+    v8 lo[4], hi[4];
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = (v8){0};
+    for (int d = 0; d < D; d += 16) {
+      v8 x0 = bf16x8(kj + d), x1 = bf16x8(kj + d + 8);
+      for (int g = 0; g < G; g++) {
+        lo[g] = fma8(load8(q + (size_t)g * D + d), x0, lo[g]);
+        hi[g] = fma8(load8(q + (size_t)g * D + d + 8), x1, hi[g]);
+      }
+    }
+    for (int g = 0; g < G; g++) s[(size_t)g * n + j] = hsum(lo[g] + hi[g]);
+  }
+}
+
+/* as below, 16 dims at a time (2 G accumulators) */
+INLINE void one_values_part(const int G, const int C, int d0, int j0, int j1, int n, int D, const float* s,
+                            const float* inv, const uint16_t* v, float* out, int ldo) {
+  for (int c = 0; c < C; c++) {
+    int dc = d0 + 16 * c;
+    v8 lo[4], hi[4];
+    for (int g = 0; g < G; g++) {
+      lo[g] = j0 ? load8(out + (size_t)g * ldo + dc) : (v8){0};
+      hi[g] = j0 ? load8(out + (size_t)g * ldo + dc + 8) : (v8){0};
+    }
+    for (int j = j0; j < j1; j++) {
+      v8 x0 = bf16x8(v + (size_t)j * D + dc), x1 = bf16x8(v + (size_t)j * D + dc + 8);
+      for (int g = 0; g < G; g++) {
+        v8 p = splat8(s[(size_t)g * n + j]);
+        lo[g] = fma8(p, x0, lo[g]);
+        hi[g] = fma8(p, x1, hi[g]);
+      }
+    }
+    for (int g = 0; g < G; g++) {
+      v8 a = j1 == n ? lo[g] * inv[g] : lo[g], b = j1 == n ? hi[g] * inv[g] : hi[g];
+      memcpy(out + (size_t)g * ldo + dc, &a, 32);
+      memcpy(out + (size_t)g * ldo + dc + 8, &b, 32);
+    }
+  }
+}
+#else
 INLINE void one_scores(const int G, int n, int D, const float* q, const uint16_t* k, float* s) {
   for (int j = 0; j < n; j += 2) {
     const uint16_t* k0 = k + (size_t)j * D;
@@ -1238,6 +1495,7 @@ INLINE void one_values_part(const int G, const int C, int d0, int j0, int j1, in
       memcpy(out + (size_t)g * ldo + d0 + 16 * c, &o, 64);
     }
 }
+#endif
 
 /* Keys a tile at a time, so that the tile's values (64 x 256 bytes) stay in L1 while the
    dims pass over them: one strided pass over all values per 32 dims read each line twice

@@ -245,7 +245,7 @@ class Matmuls:
     holds the arrays, so the addresses stay valid for as long as it lives.
 
     ``many``: quantized weights take the many-row integer kernel whatever the number of rows
-    (where the CPU has VNNI), so that a row's result does not depend on how many rows a call
+    (where the CPU has AVX-512 VNNI or AVX2), so that a row's result does not depend on how many rows a call
     brings (the encoder's: streamed audio in 80 ms steps equals one offline block); otherwise
     up to ``MANY_ROWS`` rows take the few-row kernels, which stream the weights once. The
     first call of such a product with up to ``MANY_ROWS`` rows lays its weights out in the
@@ -275,7 +275,7 @@ class Matmuls:
 
     def _lay_out_tiles(self) -> None:
         """Lay the quantized weights out in the many-row integer kernel's tiles (where the CPU
-        has VNNI and the format is taken; otherwise nothing changes)."""
+        has AVX-512 VNNI or AVX2 and the format is taken; otherwise nothing changes)."""
         with self._tiles_lock:
             if self._tiles is not None:
                 return
@@ -348,7 +348,7 @@ def quantized_matmul(x: np.ndarray, weight, scales, biases, group_size: int, bit
     """``x~ @ dequantize(weight).T`` for float32 rows ``x`` [M, K] and MLX's affine quantized
     ``weight``/``scales``/``biases`` (scales and biases bfloat16 or float32), where ``x~``
     is ``x`` rounded to 8 bits per group of ``group_size`` values (``quantize_activations``).
-    ``integer=False`` keeps few rows on the float kernels (those of CPUs without VNNI)."""
+    ``integer=False`` keeps few rows on the float kernels (those of CPUs without AVX2)."""
     return quantized_matmuls(x, [(weight, scales, biases)], group_size, bits, integer)[0]
 
 
