@@ -690,9 +690,10 @@ INLINE v8 qg_param8(const int SB, const void* p, size_t i) {
 }
 
 /* qg_rows with AVX2: the same operations lane for lane, each group's words (in L1 once read)
-   passed over for the tile's 32 columns 8 at a time. Per row the 16-bit pair sums of 4 words
-   add up before widening (each at most 2 x 2 x 15 x 127, four of them 30480 < 32767: exact);
-   8-bit words as 16 x (high nibbles) + (low nibbles). */
+   passed over for the tile's 32 columns, 16 at a time at 4 bits (x's broadcasts shared by
+   two vectors), 8 at 8 bits (whose two sums per vector would not fit in 16 registers). Per
+   row the 16-bit pair sums of 4 words add up before widening (each at most 2 x 2 x 15 x 127,
+   four of them 30480 < 32767: exact); 8-bit words as 16 x (high nibbles) + (low nibbles). */
 INLINE void qg_rows(const int R, const int bits, const int SB, int K, int G, int N, int n0, int cols,
                     const int8_t* xg, const float* xd, const float* xs, const uint32_t* wt, const void* st,
                     const void* bt, float* y) {
@@ -709,40 +710,52 @@ INLINE void qg_rows(const int R, const int bits, const int SB, int K, int G, int
     }
     v8 dv[QG_ROWS], sv[QG_ROWS];
     for (int r = 0; r < R; r++) dv[r] = splat8(xd[(size_t)r * KG + g]), sv[r] = splat8(xs[(size_t)r * KG + g]);
-    for (int c = 0; c < quarters; c++) {
-      const int c0 = 8 * c;
-      __m256i acc[QG_ROWS];
-      for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+    const int NV = bits == 4 ? 2 : 1; /* vectors of 8 columns per pass (a pass past cols reads the tile's zeros) */
+    for (int c = 0; c < quarters; c += NV) {
+      __m256i acc[QG_ROWS][2];
+      for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       for (int w4 = g * wpg; w4 < (g + 1) * wpg; w4 += 4) {
-        __m256i p[QG_ROWS], ph[QG_ROWS];
-        for (int r = 0; r < R; r++) p[r] = ph[r] = _mm256_setzero_si256();
+        __m256i p[QG_ROWS][2];
+        for (int r = 0; r < R; r++) p[r][0] = p[r][1] = _mm256_setzero_si256();
         for (int w = w4; w < w4 + 4; w++) {
-          __m256i v = _mm256_loadu_si256((const __m256i*)(wt + (size_t)w * QG_COLS + c0));
-          __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          __m256i lo[2], hi[2];
+          for (int j = 0; j < NV; j++) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(wt + (size_t)w * QG_COLS + 8 * (c + j)));
+            lo[j] = _mm256_and_si256(v, nib), hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          }
           for (int r = 0; r < R; r++) {
             if (bits == 4) {
               int32_t xl, xh;
               memcpy(&xl, xg + (size_t)r * K + 8 * w, 4);
               memcpy(&xh, xg + (size_t)r * K + 8 * w + 4, 4);
-              p[r] = _mm256_add_epi16(p[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)),
-                                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh))));
+              __m256i bl = _mm256_set1_epi32(xl), bh = _mm256_set1_epi32(xh);
+              for (int j = 0; j < 2; j++)
+                p[r][j] = _mm256_add_epi16(p[r][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], bl),
+                                                                     _mm256_maddubs_epi16(hi[j], bh)));
             } else {
               int32_t xq;
               memcpy(&xq, xg + (size_t)r * K + 4 * w, 4);
               __m256i xb = _mm256_set1_epi32(xq);
-              p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(lo, xb));
-              ph[r] = _mm256_add_epi16(ph[r], _mm256_maddubs_epi16(hi, xb));
+              p[r][0] = _mm256_add_epi16(p[r][0], _mm256_maddubs_epi16(lo[0], xb));
+              p[r][1] = _mm256_add_epi16(p[r][1], _mm256_maddubs_epi16(hi[0], xb));
             }
           }
         }
         for (int r = 0; r < R; r++) {
-          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p[r], ones));
-          if (bits == 8) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(ph[r], sixteen));
+          if (bits == 4) {
+            for (int j = 0; j < 2; j++) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(p[r][j], ones));
+          } else {
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p[r][0], ones));
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p[r][1], sixteen));
+          }
         }
       }
-      v8 sc = qg_param8(SB, st, (size_t)g * QG_COLS + c0), bi = qg_param8(SB, bt, (size_t)g * QG_COLS + c0);
-      for (int r = 0; r < R; r++)
-        tot[r][c] += fma8(bi, sv[r], (v8)_mm256_cvtepi32_ps(acc[r]) * (sc * dv[r]));
+      for (int j = 0; j < NV; j++) {
+        const size_t at = (size_t)g * QG_COLS + 8 * (c + j);
+        v8 sc = qg_param8(SB, st, at), bi = qg_param8(SB, bt, at);
+        for (int r = 0; r < R; r++)
+          tot[r][c + j] += fma8(bi, sv[r], (v8)_mm256_cvtepi32_ps(acc[r][j]) * (sc * dv[r]));
+      }
     }
   }
   for (int r = 0; r < R; r++) {
