@@ -229,6 +229,15 @@ INLINE void qfinish(const int R, int m0, int n, int N, int KG, const float* xs, 
   }
 }
 
+/* qfinish for totals kept as two 8-lane halves (a 16-lane total's lanes) */
+INLINE void qfinish8(const int R, int m0, int n, int N, int KG, const float* xs, const void* biases, int bf16,
+                     v8 tot[][2], float* y) {
+  for (int r = 0; r < R; r++) {
+    float bias_dot = qbias_dot(biases, (size_t)n * KG, xs + (size_t)(m0 + r) * KG, KG, bf16);
+    y[(size_t)(m0 + r) * N + n] = hsum(tot[r][0] + tot[r][1]) + bias_dot;
+  }
+}
+
 #if defined(__AVX512F__)
 /* Rows [m0, m0 + R) of y for output n (R <= 4 is constant after inlining): per block two
    chains (even and odd slots) scaled per lane into one total; the biases meet the sums of
@@ -312,10 +321,7 @@ INLINE void qmv_part(const int R, const int bits, int m0, int n, int N, int K, i
       }
     }
   }
-  for (int r = 0; r < R; r++) {
-    float bias_dot = qbias_dot(biases, (size_t)n * KG, xs + (size_t)(m0 + r) * KG, KG, bf16);
-    y[(size_t)(m0 + r) * N + n] = hsum(tot[r][0] + tot[r][1]) + bias_dot;
-  }
+  qfinish8(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
 #endif
 
@@ -455,8 +461,6 @@ INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int 
   qfinish(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
 #elif QAVX2
-/* AVX2, 4-bit: qmv_int_part's operations lane for lane, each block as two halves of 8 words
-   (GCC keeps 64-byte vectors in memory without AVX-512, so these kernels use 32-byte ones). */
 /* The exact sums of 8 words' products with x's bytes, per word: 4-bit, the low nibbles
    with xlo and the high ones with xhi; 8-bit, 16 x (high nibbles) + (low nibbles) with xlo. */
 INLINE __m256i dp_avx2(const int bits, __m256i w, const int8_t* xlo, const int8_t* xhi) {
@@ -471,6 +475,7 @@ INLINE __m256i dp_avx2(const int bits, __m256i w, const int8_t* xlo, const int8_
   return _mm256_madd_epi16(p, ones);
 }
 
+/* AVX2: the VNNI qmv_int_part's operations lane for lane, each block as two halves of 8 words */
 INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int K, int Kp, int G,
                          const int8_t* xq, const float* xl, const float* xs, const uint32_t* row,
                          const void* scales, const void* biases, int bf16, const int* half_group, float* y) {
@@ -492,10 +497,7 @@ INLINE void qmv_int_part(const int R, const int bits, int m0, int n, int N, int 
       }
     }
   }
-  for (int r = 0; r < R; r++) {
-    float bias_dot = qbias_dot(biases, (size_t)n * KG, xs + (size_t)(m0 + r) * KG, KG, bf16);
-    y[(size_t)(m0 + r) * N + n] = hsum(tot[r][0] + tot[r][1]) + bias_dot;
-  }
+  qfinish8(R, m0, n, N, KG, xs, biases, bf16, tot, y);
 }
 #endif
 
@@ -843,7 +845,7 @@ static int qgemm(int count, int M, const int* Ns, int K, int G, int bits, const 
    t * KG * QG_COLS * 2 of st (the N rows padded to whole tiles with zeros). The
    many-row products then read them as they are, which for a few rows (a live stream's
    encoder) spares the transposes that would otherwise cost more than the products. Returns
-   the tile width, or 0 where the CPU has no VNNI (no tiles) or the format is not taken. */
+   the tile width, or 0 where the CPU has neither VNNI nor AVX2 (no tiles) or the format is not taken. */
 int mlx_voxtral_qg_pack(int N, int K, int G, int bits, const uint32_t* w, const void* scales, const void* biases,
                         int bf16, uint32_t* wt, void* st) {
 #if QVNNI || QAVX2
@@ -921,8 +923,8 @@ static void dequantize_matmul(int bits, int M, int N, int K, int Kp, int G, cons
    q, k and v, say), x~ being x in 8 bits per group (above): x is rounded once and the
    few-row kernels of all matrices share one parallel region (threads move to the next
    matrix without waiting). Up to MANY_ROWS rows go through the few-row kernels FEW_ROWS
-   at a time (integer with VNNI unless allow_integer is 0, else float), more (every M when
-   `many` is set) through the integer tiles with VNNI, else float tiles and the BLAS. The
+   at a time (integer with VNNI or AVX2 unless allow_integer is 0, else float), more (every M
+   when `many` is set) through the integer tiles with VNNI or AVX2, else float tiles and the BLAS. The
    tiles are read from packed_w/packed_s (mlx_voxtral_qg_pack's layout of each matrix) where
    those are given, else transposed per call. Returns nonzero for an unsupported format, 2
    without memory for the scratch. */
@@ -938,7 +940,7 @@ int mlx_voxtral_qmm(int count, int M, const int* Ns, int K, int G, int bits, con
   if ((bits != 4 && bits != 8) || K % G || G % (8 * vpw)) return 1;
   int blk = QBLOCK * vpw, Kp = (K + blk - 1) / blk * blk, halves = K / (8 * vpw);
   /* many rows (or `many`: every M, for a result that does not depend on M) in the integer
-     tiles, a few in the few-row integer kernels, both with VNNI */
+     tiles, a few in the few-row integer kernels, both with VNNI or AVX2 */
   int tiles = QINT && allow_integer && (many || M > MANY_ROWS);
   int integer = QINT && allow_integer && !tiles;
   int* half_group = malloc(sizeof(int) * (size_t)(halves + 1));
